@@ -1,0 +1,1 @@
+"""SCott math in pure torch: schedule, boundary condition, teacher solvers, consistency sampler."""

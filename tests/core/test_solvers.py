@@ -1,0 +1,139 @@
+"""Teacher solvers against diffusers' DDIM and SDE-DPM-Solver++ steps, and against exact Gaussian-mixture marginals."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from scott_core import schedule, solvers
+from training.experiments.gmm import GaussianMixture
+
+SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+AB = schedule.alphas_cumprod()
+
+
+def _latents(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.1, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("t", [999, 519, 39])
+def test_ddim_step_equals_diffusers(eta, t):
+    scheduler = DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    scheduler.set_timesteps(50)
+    z, eps, noise = _latents(0, 2, 4, 8, 8), _latents(1, 2, 4, 8, 8), _latents(2, 2, 4, 8, 8)
+    reference = scheduler.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
+    ours = solvers.solver_step("ddim", z, eps, t, t - 20, AB, noise, noise_strength=eta)
+    assert (ours - reference).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("t", [999, 519, 39])
+def test_er_sde_ode_equals_ddim_eta_zero(t):
+    z, eps = _latents(0, 2, 4, 8, 8).double(), _latents(1, 2, 4, 8, 8).double()
+    ode = solvers.solver_step("ode", z, eps, t, t - 24, AB)
+    ddim = solvers.solver_step("ddim", z, eps, t, t - 24, AB, noise_strength=0.0)
+    assert (ode - ddim).abs().max() < 1e-12
+
+
+def test_er_sde_full_sde_equals_sde_dpmsolver_first_order():
+    scheduler = DPMSolverMultistepScheduler(
+        **SD15, algorithm_type="sde-dpmsolver++", solver_order=1, timestep_spacing="trailing"
+    )
+    scheduler.set_timesteps(20)
+    z = _latents(0, 2, 4, 8, 8)
+    timesteps = scheduler.timesteps.tolist()
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        eps, noise = _latents(10 + i, 2, 4, 8, 8), _latents(100 + i, 2, 4, 8, 8)
+        reference = scheduler.step(eps, t, z, variance_noise=noise).prev_sample
+        ours = solvers.solver_step("sde", z, eps, t, t_next, AB, noise)
+        assert (ours - reference).abs().max() < 1e-4 * max(1.0, reference.abs().max())
+        z = reference
+
+
+def test_cfg_combine_is_lcm_form_per_sample():
+    cond, uncond = _latents(0, 2, 4, 2, 2), _latents(1, 2, 4, 2, 2)
+    w = torch.tensor([0.0, 3.0])
+    out = solvers.cfg_combine(cond, uncond, w)
+    assert torch.equal(out[0], cond[0])
+    assert torch.allclose(out[1], 4.0 * cond[1] - 3.0 * uncond[1])
+
+
+# --- marginals on a 2-D Gaussian mixture whose score is exact -------------------------------------------
+
+MIXTURE = GaussianMixture.ring(modes=6, radius=1.2, std=0.25)
+N = 8192
+FAMILIES = [
+    ("ddim", 0.0), ("ddim", 0.3), ("ddim", 1.0), ("ode", 0.0), ("sde", 0.0), ("er_sde_5", 0.0),
+    ("noise_strength", 0.3), ("noise_strength", 1.0),
+]
+SPANS = [(999, 975), (263, 239), (71, 47)]
+
+
+def _exact_eps(z, t):
+    alpha, sigma = schedule.alpha_sigma(t, AB)
+    return MIXTURE.eps(z, alpha, sigma)
+
+
+def _marginal(t):
+    return MIXTURE.marginal(*schedule.alpha_sigma(t, AB))
+
+
+def _sliced_w2(a, b, projections=64, seed=0):
+    directions = torch.randn(projections, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    pa, pb = (a @ directions.T).sort(0).values, (b @ directions.T).sort(0).values
+    return ((pa - pb) ** 2).mean().sqrt()
+
+
+def _solve_from_exact(t_n, t_m, solver, noise_strength, seed, noise_scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    z_n = _marginal(t_n).sample(N, generator)
+    noise_sampler = lambda s, s2: noise_scale * torch.randn(N, 2, generator=generator, dtype=torch.float64)  # noqa: E731
+    return solvers.solve(
+        _exact_eps, z_n, t_n, t_m, AB, solver=solver, sub_steps=3, noise_strength=noise_strength,
+        noise_sampler=noise_sampler,
+    )
+
+
+def _noise_floor(target, seed):
+    """The largest sliced W2 between independent exact sample sets of size N (the test's resolution)."""
+    pairs = [(target.sample(N, torch.Generator().manual_seed(seed + 2 * k)),
+              target.sample(N, torch.Generator().manual_seed(seed + 2 * k + 1))) for k in range(8)]
+    return max(_sliced_w2(a, b) for a, b in pairs)
+
+
+def _assert_matches_marginal(samples, target, seed):
+    mean_err = samples.mean(0) - target.mean()
+    assert (mean_err.abs() <= 3 * samples.std(0) / N**0.5).all(), f"mean off by {mean_err}"
+    centred = samples - samples.mean(0)
+    products = centred[:, :, None] * centred[:, None, :]
+    cov_err = products.mean(0) - target.covariance()
+    assert (cov_err.abs() <= 3 * products.std(0) / N**0.5).all(), f"covariance off by {cov_err}"
+    exact = target.sample(N, torch.Generator().manual_seed(seed + 1000))
+    assert _sliced_w2(samples, exact) <= 1.5 * _noise_floor(target, seed + 2000)
+
+
+@pytest.mark.parametrize("t_n, t_m", SPANS)
+@pytest.mark.parametrize("solver, noise_strength", FAMILIES)
+def test_multistep_solve_preserves_the_marginal(solver, noise_strength, t_n, t_m):
+    samples = _solve_from_exact(t_n, t_m, solver, noise_strength, seed=t_n)
+    _assert_matches_marginal(samples, _marginal(t_m), seed=t_n)
+
+
+def test_marginal_check_catches_a_wrong_noise_scale():
+    samples = _solve_from_exact(71, 47, "sde", 0.0, seed=5, noise_scale=1.5)
+    with pytest.raises(AssertionError):
+        _assert_matches_marginal(samples, _marginal(47), seed=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(solver="euler"), "solver must be one of ddim, ode, sde, er_sde_5, noise_strength"),
+        (dict(sub_steps=0), "sub_steps must be an integer >= 1"),
+        (dict(noise_strength=-0.1), "noise_strength must be a finite number >= 0"),
+        (dict(noise_strength=float("nan")), "noise_strength must be a finite number >= 0"),
+    ],
+)
+def test_bad_solver_arguments_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        solvers.solve(lambda z, t: z, torch.zeros(1, 2), 999, 975, AB, **kwargs)

@@ -1,0 +1,1 @@
+"""Headless SCott distillation on diffusers + peft + accelerate."""

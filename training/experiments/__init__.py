@@ -1,0 +1,1 @@
+"""Experiments that test SCott's claims on problems whose answer is known."""
