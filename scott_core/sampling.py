@@ -78,35 +78,29 @@ def sample_scott_k(
     model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=1.0, noise_sampler=None,
     alphas_cumprod=None,
 ):
-    """SCott sampling in k-diffusion form (x = x0 + sigma eps, model(x, sigma) -> x0), for ComfyUI's KSAMPLER."""
+    """SCott sampling in k-diffusion form (x = x0 + sigma eps, model(x, sigma) -> x0), for ComfyUI's KSAMPLER.
+    Returns x0 where the schedule ends on sigma 0, else x re-noised to the last sigma (a split schedule)."""
     extra_args = {} if extra_args is None else extra_args
     ab = sd15_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    sigmas = sigmas[: _last_nonzero(sigmas) + 1]
-    timesteps = check_sampling_inputs(x, sigma_to_timestep(sigmas.double().cpu(), ab).round().tolist(), gamma)
+    positive = sigmas[sigmas > 0]
+    timesteps = check_sampling_inputs(x, sigma_to_timestep(positive.double().cpu(), ab).round().tolist(), gamma)
     noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(timesteps), disable=disable):
+    for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if i == len(timesteps) - 1:
+        if sigmas[i + 1] == 0:
             return denoised
-        t, t_next = timesteps[i], timesteps[i + 1]
         z = x / (1 + sigmas[i] ** 2).sqrt()
         noise = _draw(noise_sampler, gamma, sigmas[i], sigmas[i + 1])
-        x = renoise(z, denoised, t, t_next, gamma, ab, noise) * (1 + sigmas[i + 1] ** 2).sqrt()
+        x = renoise(z, denoised, timesteps[i], timesteps[i + 1], gamma, ab, noise) * (1 + sigmas[i + 1] ** 2).sqrt()
+    return x
 
 
 def _draw(noise_sampler, gamma, t, t_next):
     """A noise draw for a stochastic re-noise; none for gamma = 0 (deterministic)."""
     return None if gamma == 0 else noise_sampler(t, t_next)
-
-
-def _last_nonzero(sigmas):
-    nonzero = (sigmas > 0).nonzero()
-    if len(nonzero) == 0:
-        raise ValueError("sigmas has no positive value; give a schedule such as the SCott Scheduler's")
-    return int(nonzero[-1])
 
 
 def check_sampling_inputs(z, timesteps, gamma):

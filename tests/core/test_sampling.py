@@ -26,6 +26,12 @@ def assert_close(ours, reference, rtol=1e-6):
     assert (ours - reference).abs().max() <= rtol * max(1.0, float(reference.abs().max())) * 10
 
 
+def k_model(x, sigma, **extra_args):
+    """raw_x0_denoiser in ComfyUI's convention: x = z / alpha, called with the k-diffusion sigma."""
+    t = schedule.sigma_to_timestep(sigma.double(), AB).round()
+    return raw_x0_denoiser(x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), t)
+
+
 def _start(seed=0):
     return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -98,10 +104,6 @@ def test_k_diffusion_form_equals_the_vp_form(gamma):
         raw_x0_denoiser, noise, timesteps, AB, gamma=gamma, noise_sampler=sampling.default_noise_sampler(noise, seed=9)
     )
 
-    def k_model(x, sigma, **extra_args):
-        t = schedule.sigma_to_timestep(sigma.double(), AB).round()
-        return raw_x0_denoiser(x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), t)
-
     x = noise * (1 + sigmas[0] ** 2).sqrt()  # ComfyUI scales full-denoise noise so that z = noise
     k = sampling.sample_scott_k(k_model, x, sigmas, extra_args={"seed": 9}, disable=True, gamma=gamma)
     assert_close(k, vp)
@@ -122,3 +124,15 @@ def test_bad_sampler_input_names_the_argument(kwargs, message):
     args = dict(z=torch.zeros(1, 4, 2, 2), timesteps=[999, 499], gamma=1.0) | kwargs
     with pytest.raises(ValueError, match=message):
         sampling.sample_scott(raw_x0_denoiser, args["z"], args["timesteps"], AB, gamma=args["gamma"])
+
+
+def test_k_diffusion_form_continues_a_split_schedule():
+    """Sampling [999, 759] then [759, 499, 0] equals sampling [999, 759, 499, 0] with the same noise stream."""
+    sigmas = schedule.sigmas_for_timesteps([999, 759, 499], AB)
+    x = _start() * (1 + sigmas[0] ** 2).sqrt()
+
+    whole = sampling.sample_scott_k(k_model, x, sigmas, disable=True, extra_args={"seed": 4})
+    noise_sampler = sampling.default_noise_sampler(x, seed=4)
+    first = sampling.sample_scott_k(k_model, x, sigmas[:2], disable=True, noise_sampler=noise_sampler)
+    second = sampling.sample_scott_k(k_model, first, sigmas[1:], disable=True, noise_sampler=noise_sampler)
+    assert_close(second, whole)
