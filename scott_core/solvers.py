@@ -82,13 +82,14 @@ def solve(
 ):
     """Teacher solve t_n -> t_m in `sub_steps` equal sub-steps, fresh noise each; eps_fn(z, t[B]) -> eps."""
     check_solver(solver, sub_steps, noise_strength)
-    t_n, t_m = (torch.as_tensor(t, dtype=torch.float64).expand(z.shape[0]) for t in (t_n, t_m))
+    t_n, t_m = (torch.as_tensor(t).to("cpu", torch.float64).expand(z.shape[0]) for t in (t_n, t_m))
     if noise_sampler is None and not is_deterministic(solver, noise_strength):
         noise_sampler = default_noise_sampler(z, generator)
     for k in range(sub_steps):
         s, s2 = t_n + (t_m - t_n) * (k / sub_steps), t_n + (t_m - t_n) * ((k + 1) / sub_steps)
         noise = None if noise_sampler is None else noise_sampler(s, s2)
-        z = solver_step(solver, z, eps_fn(z, s.to(torch.float32)), s, s2, alphas_cumprod, noise, noise_strength)
+        eps = eps_fn(z, s.to(z.device, torch.float32))
+        z = solver_step(solver, z, eps, s, s2, alphas_cumprod, noise, noise_strength)
     return z
 
 
