@@ -30,7 +30,7 @@ def _log_sigmas(ab):
 def timestep_to_sigma(timestep, alphas_cumprod):
     """k-diffusion sigma = sqrt((1 - ab) / ab) at a timestep; fractional timesteps interpolate log-sigma."""
     log_sigmas = _log_sigmas(alphas_cumprod)
-    t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, len(log_sigmas) - 1)
+    t = torch.as_tensor(timestep).to(log_sigmas.device, torch.float64).clamp(0, len(log_sigmas) - 1)
     low, frac = t.floor().long(), t.frac()
     high = t.ceil().long()
     return ((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp()
@@ -39,7 +39,7 @@ def timestep_to_sigma(timestep, alphas_cumprod):
 def sigma_to_timestep(sigma, alphas_cumprod):
     """Inverse of timestep_to_sigma: the fractional timestep whose interpolated log-sigma is log(sigma)."""
     log_sigmas = _log_sigmas(alphas_cumprod)
-    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+    log_sigma = torch.as_tensor(sigma).to(log_sigmas.device, torch.float64).log()
     high = torch.searchsorted(log_sigmas, log_sigma.reshape(-1)).clamp(1, len(log_sigmas) - 1)
     low = high - 1
     frac = (log_sigma.reshape(-1) - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
