@@ -1,0 +1,80 @@
+"""Data-free distillation: draw training images from the teacher itself into an image + caption folder cache."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class SynthItem:
+    """Image `index` of the cache: its prompt and its seed."""
+
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def stem(self):
+        return f"{self.index:06d}"
+
+
+def plan(prompts, n_images, seed=0):
+    """Image i takes prompts[i % len(prompts)] and seed + i: the same plan on every process and every rerun."""
+    if n_images < 1:
+        raise ValueError(f"synth_images must be >= 1, got {n_images}")
+    return [SynthItem(i, prompts[i % len(prompts)], seed + i) for i in range(n_images)]
+
+
+def shard(items, rank, world_size):
+    """The items process `rank` of `world_size` generates: every world_size-th, so shards neither overlap nor gap."""
+    return items[rank::world_size]
+
+
+def is_cached(folder, item):
+    """An image counts once its .png exists: the .txt caption is written first, the .png last, each atomically."""
+    return (Path(folder) / f"{item.stem}.png").is_file()
+
+
+def save_pair(folder, item, image):
+    """Write caption then image, each to a temporary name renamed into place, so a kill leaves no half file."""
+    folder = Path(folder)
+    caption, png = folder / f"{item.stem}.txt", folder / f"{item.stem}.png"
+    tmp_caption, tmp_png = caption.with_suffix(".txt.tmp"), png.with_suffix(".png.tmp")
+    tmp_caption.write_text(item.prompt + "\n", encoding="utf-8")
+    os.replace(tmp_caption, caption)
+    image.save(tmp_png, format="PNG")
+    os.replace(tmp_png, png)
+
+
+def synthesize(generate, items, folder, batch_size=4, rank=0, show_progress=True):
+    """Generate the uncached items in batches with generate(prompts, seeds) -> PIL images; returns how many it made."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [item for item in items if not is_cached(folder, item)]
+    bar = tqdm(
+        total=len(items), initial=len(items) - len(todo), unit="img", desc=f"teacher images (rank {rank})",
+        disable=not show_progress,
+    )
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        for item, image in zip(batch, generate([i.prompt for i in batch], [i.seed for i in batch])):
+            save_pair(folder, item, image)
+        bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def pipeline_generator(pipe, steps=25, cfg=7.5, resolution=512):
+    """generate(prompts, seeds) over a diffusers text-to-image pipeline, one torch.Generator per image."""
+
+    def generate(prompts, seeds):
+        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
+        return pipe(
+            prompt=prompts, num_inference_steps=steps, guidance_scale=cfg, height=resolution, width=resolution,
+            generator=generators, output_type="pil",
+        ).images
+
+    return generate
