@@ -78,12 +78,16 @@ def lcm_timesteps(steps, denoise=1.0, origin_steps=50, num_train_timesteps=NUM_T
     return [origin[i] for i in indices.tolist()]
 
 
-def training_grid(spacing=8, span=24, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """t_n on the grid T-1, T-1-spacing, ... keeping those with t_m = t_n - span >= 0; increasing, long."""
+def training_grid(spacing=8, *, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+    """t_n on the grid T-1, T-1-spacing, ..., down to the smallest >= 0; increasing, long."""
     _check_int_range("spacing", spacing, 1, num_train_timesteps - 1)
-    _check_int_range("span", span, 1, num_train_timesteps - 1)
-    grid = torch.arange(num_train_timesteps - 1, -1, -spacing)
-    return grid[grid >= span].flip(0)
+    return torch.arange(num_train_timesteps - 1, -1, -spacing).flip(0)
+
+
+def skip_timestep(t_n, span):
+    """t_m = max(t_n - span, 0): as LCM, the lowest t_n reach t = 0, where f(z, 0) = z anchors the model."""
+    _check_int_range("span", span, 1, NUM_TRAIN_TIMESTEPS - 1)
+    return (torch.as_tensor(t_n) - span).clamp(min=0)
 
 
 def check_timesteps(timesteps, num_train_timesteps=NUM_TRAIN_TIMESTEPS):

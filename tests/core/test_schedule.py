@@ -42,10 +42,13 @@ def test_lcm_timesteps_equal_lcm_scheduler(steps, denoise):
 
 def test_paper_grids():
     assert schedule.lcm_timesteps(4) == [999, 759, 499, 259]
-    grid = schedule.training_grid()
-    assert grid[0] == 31 and grid[-1] == 999 and (grid.diff() == 8).all()
-    lcm_grid = schedule.training_grid(spacing=20, span=20)
-    assert lcm_grid[0] == 39 and lcm_grid[-1] == 999
+    grid = schedule.training_grid(8)
+    assert grid[0] == 7 and grid[-1] == 999 and (grid.diff() == 8).all()
+    assert schedule.skip_timestep(grid, 24)[:5].tolist() == [0, 0, 0, 7, 15]
+    # vanilla CD: LCM's DDIM-solver grid (arange(1, 51) * 20 - 1) with t_m = t_n - 20 clamped at 0
+    lcm_grid = schedule.training_grid(20)
+    assert lcm_grid.tolist() == [k * 20 - 1 for k in range(1, 51)]
+    assert schedule.skip_timestep(lcm_grid, 20)[:2].tolist() == [0, 19]
 
 
 def test_sigmas_for_timesteps_end_on_zero():
