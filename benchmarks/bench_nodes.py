@@ -1,0 +1,246 @@
+"""Benchmark of the SCott ComfyUI nodes (prints figures; not a test).
+
+1. Per-step wall time of SCott Sampler vs ComfyUI's core `lcm` sampler: same model, size, sigmas and seed,
+   through comfy.sample.sample_custom (goal: ratio <= 1.02).
+2. 2-step SCott KSampler vs 25-step dpmpp_2m (karras) at cfg 7, end to end through ComfyUI's executor
+   (empty latent -> sampler -> VAE decode -> save; text encoding cached), and sampler-only (goal: >= 15x).
+
+Runs alternate between the two contenders; each figure is the fastest of --repeats runs after a warm-up (the
+least disturbed by other processes on a shared machine), the median follows in brackets.
+
+    python benchmarks/bench_nodes.py [--checkpoint FILE] [--size 512] [--steps 8] [--repeats 5]
+
+Without --checkpoint it uses the tests' reduced-depth random SD1.5 fixture (built and cached like the
+tests do, in $SCOTT_TEST_CACHE): its UNet is ~8x cheaper than SD1.5's, its VAE full size, so end-to-end
+ratios are lower than with a real checkpoint. ComfyUI is found like the tests find it (COMFYUI_PATH, ...).
+"""
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "nodes"))
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def setup(checkpoint):
+    """ComfyUI in this process with the SCott pack (the tests' harness); returns (comfy, checkpoint path)."""
+    comfy_path = _load("scott_tests_conftest", REPO / "tests" / "conftest.py").find_comfyui()
+    if comfy_path is None:
+        sys.exit("no ComfyUI checkout: set COMFYUI_PATH")
+    sys.path.insert(0, str(comfy_path))
+    from comfy.cli_args import args
+
+    args.cpu = not torch.cuda.is_available()
+    import scott_fixtures
+    import utils.install_util  # noqa: F401
+
+    Comfy = _load("scott_nodes_conftest", REPO / "tests" / "nodes" / "conftest.py").Comfy
+
+    cache = Path(os.environ.get("SCOTT_TEST_CACHE", Path.home() / ".cache" / "comfyui-scott-tests"))
+    paths = scott_fixtures.build_all(cache)
+    if checkpoint:
+        paths["checkpoint"] = Path(checkpoint)
+    return Comfy(comfy_path, paths, Path(tempfile.mkdtemp(prefix="scott-bench-"))), paths["checkpoint"]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def per_step(comfy, checkpoint, size, steps, repeats):
+    """Median seconds per step of SCott Sampler and core lcm on the same model, sigmas and noise."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    pack = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.sampler"]
+    patch = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.model_sampling"]
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)[:2]
+    cond = [[clip.encode_from_tokens(clip.tokenize("a lighthouse at sunset")), {}]]
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sigmas = pack.scott_sigmas(steps, 1.0)
+    runs = {
+        "SCott Sampler": (
+            patch.patch_model_sampling(model),
+            comfy.samplers.KSAMPLER(pack.sample_scott, {"gamma": 1.0}),
+        ),
+        "core lcm": (
+            ModelSamplingDiscrete().patch(model, "lcm", False)[0],
+            comfy.samplers.sampler_object("lcm"),
+        ),
+    }
+    times = {name: [] for name in runs}
+    for i in range(repeats + 1):  # the first round warms up; names alternate order to share drift
+        for name in list(runs)[:: 1 if i % 2 else -1]:
+            m, sampler = runs[name]
+            t = timed(
+                lambda m=m, sampler=sampler, seed=i: comfy.sample.sample_custom(
+                    m, noise, 1.0, sampler, sigmas, cond, cond, latent, disable_pbar=True, seed=seed
+                )
+            )
+            if i:
+                times[name].append(t / steps)
+    return summary(times)
+
+
+def summary(times):
+    """{name: (fastest, median)} of each list of timings."""
+    return {name: (min(v), statistics.median(v)) for name, v in times.items()}
+
+
+def fmt(pair, scale=1.0, unit="s", digits=2):
+    return f"{pair[0] * scale:.{digits}f} {unit} [{pair[1] * scale:.{digits}f}]"
+
+
+def end_to_end(comfy, checkpoint, size, repeats):
+    """Median seconds of a whole prompt: 2-step SCott KSampler vs 25-step dpmpp_2m cfg 7 (+ decode, save)."""
+    from graphs import base, decode_and_save, empty_latent, ksampler
+
+    def prompt(kind, seed):
+        p, model, _ = base(checkpoint.name)
+        latent = empty_latent(p, size=size)
+        if kind == "scott":
+            ksampler(p, "s", model, latent, seed, steps=2, cfg=1.0, gamma=1.0)
+            del p["s_save"]
+        else:
+            p["s"] = {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": model,
+                    "seed": seed,
+                    "steps": 25,
+                    "cfg": 7.0,
+                    "sampler_name": "dpmpp_2m",
+                    "scheduler": "karras",
+                    "positive": ["pos", 0],
+                    "negative": ["neg", 0],
+                    "latent_image": latent,
+                    "denoise": 1.0,
+                },
+            }
+        decode_and_save(p, "bench", ["s", 0])
+        return p
+
+    times = {"scott": [], "dpmpp_2m": []}
+    for i in range(repeats + 1):
+        for kind in times:
+            t = timed(lambda kind=kind, i=i: comfy.run(prompt(kind, 1000 + i)))
+            if i:
+                times[kind].append(t)
+    return summary(times)
+
+
+def sampler_only(comfy, checkpoint, size, repeats):
+    """Median seconds of the sampling alone: SCott 2 steps cfg 1 vs dpmpp_2m karras 25 steps cfg 7."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+
+    pack = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.sampler"]
+    patch = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.model_sampling"]
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)[:2]
+    pos = [[clip.encode_from_tokens(clip.tokenize("a lighthouse at sunset")), {}]]
+    neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    karras = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 25)
+    runs = {
+        "scott": lambda: comfy.sample.sample_custom(
+            patch.patch_model_sampling(model),
+            noise,
+            1.0,
+            comfy.samplers.KSAMPLER(pack.sample_scott, {"gamma": 1.0}),
+            pack.scott_sigmas(2, 1.0),
+            pos,
+            neg,
+            latent,
+            disable_pbar=True,
+            seed=0,
+        ),
+        "dpmpp_2m": lambda: comfy.sample.sample_custom(
+            model,
+            noise,
+            7.0,
+            comfy.samplers.sampler_object("dpmpp_2m"),
+            karras,
+            pos,
+            neg,
+            latent,
+            disable_pbar=True,
+            seed=0,
+        ),
+    }
+    times = {k: [] for k in runs}
+    for i in range(repeats + 1):
+        for k, fn in runs.items():
+            t = timed(fn)
+            if i:
+                times[k].append(t)
+    return summary(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", help="an SD1.5 .safetensors checkpoint (default: the reduced fixture)"
+    )
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
+    parser.add_argument("--steps", type=int, default=8, help="steps for the per-step comparison")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    comfy, checkpoint = setup(args.checkpoint)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"machine: {platform.platform()}, {device}, torch {torch.__version__}, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"checkpoint: {checkpoint.name}{'' if args.checkpoint else ' (reduced random SD1.5 test fixture)'}; "
+        f"{args.size}x{args.size} px, batch 1, fastest of {args.repeats} runs after a warm-up [median]"
+    )
+    steps = per_step(comfy, checkpoint, args.size, args.steps, args.repeats)
+    ratio = steps["SCott Sampler"][0] / steps["core lcm"][0]
+    print(
+        f"per step ({args.steps} steps, cfg 1): SCott Sampler {fmt(steps['SCott Sampler'], 1e3, 'ms', 1)}, "
+        f"core lcm {fmt(steps['core lcm'], 1e3, 'ms', 1)}, ratio {ratio:.3f} (goal <= 1.02)"
+    )
+    sampling = sampler_only(comfy, checkpoint, args.size, args.repeats)
+    print(
+        f"sampler only: SCott 2 steps cfg 1 {fmt(sampling['scott'])}, dpmpp_2m 25 steps cfg 7 "
+        f"{fmt(sampling['dpmpp_2m'])}, speed-up {sampling['dpmpp_2m'][0] / sampling['scott'][0]:.1f}x "
+        "(goal >= 15x)"
+    )
+    e2e = end_to_end(comfy, checkpoint, args.size, args.repeats)
+    print(
+        f"end to end (prompt incl. VAE decode + save): SCott {fmt(e2e['scott'])}, "
+        f"dpmpp_2m {fmt(e2e['dpmpp_2m'])}, "
+        f"speed-up {e2e['dpmpp_2m'][0] / e2e['scott'][0]:.1f}x (goal >= 15x)"
+    )
+    print(f"load avg at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
