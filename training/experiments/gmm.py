@@ -12,7 +12,8 @@ class GaussianMixture:
         self.means = torch.as_tensor(means, dtype=torch.float64)
         k = self.means.shape[0]
         self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(k).clone()
-        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = torch.ones(k) if weights is None else torch.as_tensor(weights)
+        w = w.to(torch.float64)
         self.weights = w / w.sum()
 
     @classmethod
