@@ -1,0 +1,289 @@
+"""Fixtures of the trainer tests: a tiny SD-family diffusers pipeline and a tiny image + caption folder."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from training.config import DistillConfig
+from training.models import ASSETS
+
+TINY_VERSION = "tiny-sd-v1"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator (one per process in real runs): reset accelerate's state after."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tiny model's ops are too small to gain from threads, and one thread is robust on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_tiny_pipeline(folder):
+    """A random tiny SD-family pipeline (UNet 2 levels, VAE x2, 2-layer CLIP) saved as a diffusers folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    scheduler = DDIMScheduler.from_pretrained(str(ASSETS / "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = Path(str(folder) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp))
+    tmp.rename(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(cache_dir):
+    """Path of the cached tiny diffusers pipeline (built once)."""
+    folder = cache_dir / TINY_VERSION
+    if not (folder / "model_index.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        build_tiny_pipeline(folder)
+    return folder
+
+
+def write_images(folder, n, size=20, seed=0):
+    """n random-ish images (smooth colour fields) with same-name captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        base = torch.rand(3, 1, 1, generator=generator) * 255
+        ramp = torch.linspace(0, 60, size).reshape(1, 1, size)
+        pixels = (base + ramp + ramp.transpose(1, 2)).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+        (folder / f"img{i:03d}.txt").write_text(f"a picture number {i}")
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_images(tmp_path / "data", 8)
+
+
+TINY_FLAGS = dict(
+    resolution=16,
+    batch_size=2,
+    max_steps=2,
+    lora_rank=4,
+    disc_lora_rank=4,
+    validate_every=0,
+    num_workers=0,
+    checkpoint_every=0,
+    log_every=1,
+)
+
+
+def make_tiny_config(teacher, data, output, **overrides):
+    """A resolved config for the tiny model: 16 px, batch 2, rank 4, no validation, no workers."""
+    values = dict(teacher=str(teacher), data=str(data), output=str(output), **TINY_FLAGS)
+    values.update(overrides)
+    return DistillConfig(**values).resolved()
+
+
+def tiny_argv(teacher, data, output, **overrides):
+    """The same run as CLI arguments."""
+    values = {**TINY_FLAGS, **overrides}
+    argv = ["--teacher", str(teacher), "--data", str(data), "--output", str(output)]
+    for key, value in values.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config
+
+
+@pytest.fixture
+def tiny_args():
+    return tiny_argv
+
+
+@pytest.fixture
+def images():
+    return write_images
+
+
+# --- A random-weight full SD1.5 checkpoint in the original (CompVis / A1111) single-file layout ---
+
+SD15_FILE = "sd15-random-original-layout-fp16-v1.safetensors"
+
+
+def _sub(rules, key):
+    """Apply (regex, replacement) rules in order."""
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _unet_rules():
+    def level(block, offset):
+        return lambda m: f"{block}.{3 * int(m.group(1)) + int(m.group(2)) + offset}."
+
+    return [
+        (r"^time_embedding\.linear_1\.", "time_embed.0."),
+        (r"^time_embedding\.linear_2\.", "time_embed.2."),
+        (r"^conv_in\.", "input_blocks.0.0."),
+        (r"^conv_norm_out\.", "out.0."),
+        (r"^conv_out\.", "out.2."),
+        (r"\.norm1\.(?=(weight|bias)$)", ".in_layers.0."),
+        (r"\.conv1\.", ".in_layers.2."),
+        (r"\.norm2\.(?=(weight|bias)$)", ".out_layers.0."),
+        (r"\.conv2\.", ".out_layers.3."),
+        (r"\.time_emb_proj\.", ".emb_layers.1."),
+        (r"\.conv_shortcut\.", ".skip_connection."),
+        (r"^down_blocks\.(\d)\.resnets\.(\d)\.", lambda m: level("input_blocks", 1)(m) + "0."),
+        (r"^down_blocks\.(\d)\.attentions\.(\d)\.", lambda m: level("input_blocks", 1)(m) + "1."),
+        (
+            r"^down_blocks\.(\d)\.downsamplers\.0\.conv\.",
+            lambda m: f"input_blocks.{3 * int(m.group(1)) + 3}.0.op.",
+        ),
+        (r"^up_blocks\.(\d)\.resnets\.(\d)\.", lambda m: level("output_blocks", 0)(m) + "0."),
+        (r"^up_blocks\.(\d)\.attentions\.(\d)\.", lambda m: level("output_blocks", 0)(m) + "1."),
+        (
+            r"^up_blocks\.(\d)\.upsamplers\.0\.",
+            lambda m: f"output_blocks.{3 * int(m.group(1)) + 2}.{1 if m.group(1) == '0' else 2}.",
+        ),
+        (r"^mid_block\.attentions\.0\.", "middle_block.1."),
+        (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m.group(1))}."),
+    ]
+
+
+def unet_to_original(key):
+    """diffusers UNet key -> 'model.diffusion_model.<CompVis key>' (SD1.5 block layout).
+    Resnet renames only apply inside resnets: transformer blocks keep norm1/norm2."""
+    rules = _unet_rules()
+    if ".resnets." in key:
+        key = _sub(rules[5:11], key)
+    return "model.diffusion_model." + _sub(rules[:5] + rules[11:], key)
+
+
+def vae_to_original(key, value):
+    """diffusers VAE key, tensor -> 'first_stage_model.<CompVis key>', tensor (attention: 1x1 convs)"""
+    rules = [
+        (r"^encoder\.down_blocks\.(\d)\.resnets\.(\d)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (
+            r"^decoder\.up_blocks\.(\d)\.resnets\.(\d)\.",
+            lambda m: f"decoder.up.{3 - int(m.group(1))}.block.{m.group(2)}.",
+        ),
+        (
+            r"^decoder\.up_blocks\.(\d)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{3 - int(m.group(1))}.upsample.",
+        ),
+        (r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"\.conv_norm_out\.", ".norm_out."),
+    ]
+    attention = [
+        (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+        (r"\.group_norm\.", ".norm."),
+        (r"\.to_q\.", ".q."),
+        (r"\.to_k\.", ".k."),
+        (r"\.to_v\.", ".v."),
+        (r"\.to_out\.0\.", ".proj_out."),
+    ]
+    if ".attentions." in key:
+        key = _sub(attention, key)
+        if value.ndim == 2:
+            value = value[:, :, None, None]
+    return "first_stage_model." + _sub(rules, key), value
+
+
+def text_encoder_to_original(key):
+    """transformers CLIPTextModel key -> 'cond_stage_model.transformer.text_model.<key>'."""
+    return "cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)
+
+
+def original_layout(unet, vae, text_encoder):
+    """The three state dicts merged under original single-file keys, fp16."""
+    out = {unet_to_original(k): v for k, v in unet.state_dict().items()}
+    out.update(dict(vae_to_original(k, v) for k, v in vae.state_dict().items()))
+    out.update({text_encoder_to_original(k): v for k, v in text_encoder.state_dict().items()})
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in out.items()}
+
+
+def build_sd15_single_file(path):
+    """Random full-size SD1.5 UNet / VAE / CLIP-L from the shipped configs, saved in the original layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(ASSETS / "unet")))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(ASSETS / "vae")))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(ASSETS / "text_encoder")))
+    state = original_layout(unet, vae, text_encoder)
+    del unet, vae, text_encoder
+    tmp = Path(str(path) + ".tmp")
+    save_file(state, str(tmp))
+    tmp.rename(path)
+
+
+@pytest.fixture(scope="session")
+def sd15_single_file(cache_dir):
+    """Path of the cached random SD1.5 checkpoint (about 2 GB, built once)."""
+    path = cache_dir / SD15_FILE
+    if not path.is_file():
+        build_sd15_single_file(path)
+    return path

@@ -1,0 +1,163 @@
+"""The CLI: --help explains every flag; each user mistake is one line on stderr and a non-zero exit."""
+
+import dataclasses
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training.config import DistillConfig, build_parser
+from training.distill import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_help_names_every_flag_with_its_default():
+    text = " ".join(build_parser().format_help().split())
+    for f in dataclasses.fields(DistillConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert (
+        "(default: 0.95)" in text
+        and "(default: scott)" in text
+        and "(default: by --mode: scott er_sde_5, lcm ode)" in text
+    )
+
+
+def test_modes_fill_only_what_is_left_unset():
+    lcm = DistillConfig(teacher="t", data="d", mode="lcm").resolved()
+    assert (lcm.solver, lcm.sub_steps, lcm.span, lcm.grid_spacing, lcm.adv_weight) == ("ode", 1, 20, 20, 0.0)
+    scott = DistillConfig(teacher="t", data="d", sub_steps=5, adv_weight=0.0).resolved()
+    assert (scott.solver, scott.sub_steps, scott.span, scott.adv_weight, scott.lora_alpha) == (
+        "er_sde_5",
+        5,
+        24,
+        0.0,
+        64,
+    )
+
+
+class Exploit:
+    """Unpickling this would create a marker file."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def sd_keys(**extra):
+    unet = "model.diffusion_model."
+    return {f"{unet}input_blocks.0.0.weight": torch.zeros(2, 4, 1, 1), **extra}
+
+
+BAD_TEACHERS = {
+    "sdxl.safetensors": (
+        sd_keys(**{"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}),
+        "is an SDXL checkpoint",
+    ),
+    "sd2.safetensors": (
+        sd_keys(**{"cond_stage_model.model.ln_final.weight": torch.zeros(2)}),
+        "is an SD2.x checkpoint",
+    ),
+    "inpaint.safetensors": (
+        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 9, 1, 1)},
+        "is an inpainting checkpoint",
+    ),
+    "vae.safetensors": ({"encoder.conv_in.weight": torch.zeros(2)}, "is not a Stable Diffusion checkpoint"),
+    "lora.safetensors": (
+        {"lora_unet_x.lora_down.weight": torch.zeros(2)},
+        "is a LoRA, not a full checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TEACHERS))
+def test_wrong_kind_of_teacher_is_named(tmp_path, tiny_data, capsys, name):
+    tensors, message = BAD_TEACHERS[name]
+    save_file(tensors, str(tmp_path / name))
+    assert (
+        main(["--teacher", str(tmp_path / name), "--data", str(tiny_data), "--output", str(tmp_path / "o")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: teacher") and message in err and len(err.splitlines()) == 1
+
+
+def test_pickle_checkpoint_is_refused_and_never_opened(tmp_path, tiny_data, capsys):
+    Exploit.marker = str(tmp_path / "pwned")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+    assert main(["--teacher", str(ckpt), "--data", str(tiny_data)]) == 2
+    assert "--trust-ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message", [(b"", "not a readable .safetensors"), (b"garbage" * 10, "not a readable")]
+)
+def test_corrupt_or_missing_teacher(tmp_path, tiny_data, capsys, content, message):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    assert main(["--teacher", str(path), "--data", str(tiny_data)]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["--teacher", str(tmp_path / "nope.safetensors"), "--data", str(tiny_data)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_data_and_flag_mistakes(tmp_path, tiny_teacher, tiny_args, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(tiny_args(tiny_teacher, tmp_path / "empty", tmp_path / "o")) == 2
+    assert "has no usable image + caption pairs" in capsys.readouterr().err
+    assert main(tiny_args(tiny_teacher, tmp_path / "nothing-{0..1}.tar", tmp_path / "o")) == 2
+    assert "shards not found" in capsys.readouterr().err
+    assert (
+        main(["--teacher", str(tiny_teacher), "--data", str(tmp_path), "--w-min", "5", "--w-max", "1"]) == 2
+    )
+    assert "--w-min" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--teacher", "x", "--data", "y", "--mode", "bogus"])
+    assert exc.value.code == 2
+
+
+def test_module_entry_point_exits_non_zero_with_one_line(tmp_path, tiny_data):
+    save_file(*BAD_TEACHERS["sdxl.safetensors"][:1], str(tmp_path / "xl.safetensors"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.distill",
+            "--teacher",
+            str(tmp_path / "xl.safetensors"),
+            "--data",
+            str(tiny_data),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: teacher {tmp_path / 'xl.safetensors'} is an SDXL checkpoint; "
+        "this trainer distills SD1.5-family models only"
+    ]
+
+
+def test_validation_grid_is_prompts_by_step_counts(tmp_path, tiny_teacher, tiny_data, tiny_args):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\na bird\n")
+    out = tmp_path / "o"
+    argv = tiny_args(
+        tiny_teacher, tiny_data, out, max_steps=2, validate_every=1, validation_steps="1,2,4", mode="lcm"
+    ) + ["--validation-prompts", str(prompts)]
+    assert main(argv) == 0
+    from PIL import Image
+
+    grids = sorted((out / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000001.png", "step_0000002.png"]
+    assert Image.open(grids[0]).size == (3 * 16, 3 * 16)  # 3 step counts x 3 prompts of 16 px

@@ -1,0 +1,118 @@
+"""Data: folder / metadata.jsonl / .csv / webdataset shards; bad pairs skipped and counted."""
+
+import io
+import json
+import re
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from training.data import DataError, PairDataset, batch_indices, collate, resize_center_crop
+
+
+def test_folder_with_txt_captions_skips_and_counts_uncaptioned(tmp_path, images):
+    folder = images(tmp_path / "d", 4)
+    (folder / "img001.txt").unlink()
+    dataset = PairDataset(folder, 16)
+    assert len(dataset) == 3 and dataset.missing_captions == 1
+    pixels, caption = dataset[0]
+    assert pixels.shape == (3, 16, 16) and -1 <= pixels.min() and pixels.max() <= 1
+    assert caption == "a picture number 0"
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, images):
+    folder = images(tmp_path / "d", 3)
+    (folder / "img001.png").write_bytes(b"not a png at all")
+    dataset = PairDataset(folder, 16)
+    batch = collate([dataset[i] for i in range(3)])
+    assert batch["skipped"] == 1 and batch["pixels"].shape == (2, 3, 16, 16)
+    assert batch["captions"] == ["a picture number 0", "a picture number 2"]
+
+
+@pytest.mark.parametrize("table", ["jsonl", "csv"])
+def test_metadata_tables(tmp_path, images, table):
+    folder = images(tmp_path / "d", 3)
+    for txt in folder.glob("*.txt"):
+        txt.unlink()
+    rows = [{"file_name": f"img{i:03d}.png", "text": f"caption {i}"} for i in (0, 2)]
+    if table == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        (folder / "metadata.csv").write_text(
+            "file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n" for r in rows)
+        )
+    dataset = PairDataset(folder, 16)
+    assert [dataset[i][1] for i in range(len(dataset))] == ["caption 0", "caption 2"]
+
+
+def write_shard(path, items):
+    with tarfile.open(path, "w") as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 20), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_webdataset_shards_with_brace_pattern(tmp_path):
+    write_shard(
+        tmp_path / "s-000.tar",
+        [("a.png", png_bytes((255, 0, 0))), ("a.txt", b"red"), ("b.png", png_bytes((0, 255, 0)))],
+    )  # b has no caption
+    write_shard(
+        tmp_path / "s-001.tar", [("c.jpg", png_bytes((0, 0, 255))), ("c.json", b'{"caption": "blue"}')]
+    )
+    dataset = PairDataset(str(tmp_path / "s-{000..001}.tar"), 8)
+    assert len(dataset) == 2 and dataset.missing_captions == 1
+    (red, cap_red), (blue, cap_blue) = dataset[0], dataset[1]
+    assert (cap_red, cap_blue) == ("red", "blue")
+    assert red[0].mean() > 0.9 and red[2].mean() < -0.9 and blue[2].mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.mkdir(), "has no usable image + caption pairs"),
+        (lambda p: (p.mkdir(), Image.new("RGB", (8, 8)).save(p / "x.png")), "1 images without a caption"),
+    ],
+)
+def test_empty_source_is_a_clear_error(tmp_path, make, message):
+    make(tmp_path / "d")
+    with pytest.raises(DataError, match=re.escape(message)):
+        PairDataset(tmp_path / "d", 16)
+
+
+def test_missing_shards_are_named(tmp_path):
+    with pytest.raises(DataError, match="s-001.tar"):
+        PairDataset(str(tmp_path / "s-{000..001}.tar"), 16)
+
+
+def test_resize_center_crop_keeps_the_centre():
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (5, 0, 35, 20))  # white around the centre square, black at the sides
+    pixels = resize_center_crop(image, 10)
+    assert pixels.shape == (3, 10, 10) and pixels.min() > 0.9
+
+
+def test_batches_split_ranks_and_resume_mid_epoch():
+    def take(gen, n):
+        return [next(gen) for _ in range(n)]
+
+    straight = take(batch_indices(10, 2, 0, 1, seed=3), 12)  # 5 batches an epoch: crosses two epochs
+    assert sorted(i for b in straight[:5] for i in b) == list(range(10))
+    assert straight[:5] != straight[5:10]  # a new shuffle each epoch
+    assert take(batch_indices(10, 2, 0, 1, seed=3, start_batch=7), 5) == straight[7:12]
+    ranks = [take(batch_indices(10, 2, r, 2, seed=3), 2) for r in (0, 1)]
+    assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))
+    with pytest.raises(DataError, match="cannot fill a batch"):
+        next(batch_indices(3, 2, 0, 2, seed=0))
+    assert torch.equal(
+        torch.tensor(straight[0]), torch.tensor(take(batch_indices(10, 2, 0, 1, seed=3), 1)[0])
+    )

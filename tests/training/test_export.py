@@ -1,0 +1,98 @@
+"""Export: kohya keys with the real alpha and SCott metadata; diffusers reloads the trained output."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from scott_core import lora_format
+from training.export import export_lora, peft_state_dict
+from training.loop import build, train
+from training.models import STUDENT, STUDENT_TARGETS, adapter_params, using
+
+
+@pytest.fixture
+def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config):
+    """A run whose student LoRA holds random non-zero weights, rank 4 with alpha 2 (scale 0.5, not 1)."""
+    run = build(tiny_config(tiny_teacher, tiny_data, tmp_path / "out", mode="lcm", lora_alpha=2.0))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapter_params(run.unet, STUDENT).values():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    return run
+
+
+def unet_inputs():
+    generator = torch.Generator().manual_seed(7)
+    return (
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.tensor([999, 300]),
+        torch.randn(2, 77, 32, generator=generator),
+    )
+
+
+def test_kohya_keys_alpha_and_metadata(trained_run, tmp_path):
+    path = tmp_path / "lora.safetensors"
+    export_lora(trained_run.unet, trained_run.cfg, "base", "0" * 64, path)
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    peft_modules = {k.rsplit(".lora_A", 1)[0] for k in peft_state_dict(trained_run.unet) if ".lora_A" in k}
+    # One kohya module per peft module, each named lora_unet_<module path with _>, and nothing else.
+    assert {k.split(".")[0] for k in keys} == {"lora_unet_" + m.replace(".", "_") for m in peft_modules}
+    assert len(keys) == 3 * len(peft_modules)
+    assert set(alphas.values()) == {2.0}
+    assert (
+        meta["scott.mode"] == "lcm" and meta["scott.solver"] == "ode" and meta["scott.base_model"] == "base"
+    )
+    assert meta["scott.base_model_sha256"] == "0" * 64 and meta["scott.resolution"] == "16"
+    assert lora_format.sampling_defaults(meta) == {"steps": 4, "gamma": 1.0, "cfg": 1.0}
+    # Every layer kind LCM-LoRA adapts that the tiny UNet has is exported.
+    kinds = {t for t in STUDENT_TARGETS if any(m.endswith(t) for m in peft_modules)}
+    assert kinds >= {
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "conv1",
+        "conv2",
+        "time_emb_proj",
+    }
+
+
+def test_diffusers_load_lora_weights_reproduces_the_student(trained_run, tiny_teacher, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    path = tmp_path / "lora.safetensors"
+    export_lora(trained_run.unet, trained_run.cfg, "base", "0" * 64, path)
+    z, t, c = unet_inputs()
+    with torch.no_grad(), using(trained_run.unet, STUDENT):
+        expected = trained_run.unet(z, t, encoder_hidden_states=c).sample
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_teacher), safety_checker=None, requires_safety_checker=False
+    )
+    with torch.no_grad():
+        bare = pipe.unet(z, t, encoder_hidden_states=c).sample
+    pipe.load_lora_weights(str(path), adapter_name="scott")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="scott")
+    ours = peft_state_dict(trained_run.unet)
+    assert {k.replace(".lora_A", "").replace(".lora_B", "") for k in loaded} == {
+        k.replace(".lora_A", "").replace(".lora_B", "") for k in ours
+    }  # 0 missing, 0 unexpected modules
+    with torch.no_grad():
+        got = pipe.unet(z, t, encoder_hidden_states=c).sample
+    assert (expected - bare).abs().max() > 1e-2  # the LoRA matters ...
+    assert (got - expected).abs().max() <= 1e-4  # ... and reloads at the same strength (alpha 2, rank 4)
+
+
+def test_training_run_exports_beside_its_config(tiny_teacher, tiny_data, tmp_path, tiny_config):
+    out = tmp_path / "out"
+    path = train(tiny_config(tiny_teacher, tiny_data, out, max_steps=1, name="mine"))
+    assert path == out / "mine.safetensors" and path.is_file()
+    assert (out / "config.json").read_text().count('"solver": "er_sde_5"') == 1
+    state, _ = lora_format.read_safetensors(path)
+    assert lora_format.detect_format(state) == "kohya"

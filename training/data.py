@@ -1,0 +1,205 @@
+"""Image + caption pairs from a folder (.txt / metadata.jsonl / .csv) or webdataset .tar shards."""
+
+import csv
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption", ".json")
+
+
+class DataError(UserError):
+    """A data source the trainer cannot use."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training pair: where its image bytes are and its caption (None: to be read from caption_ref)."""
+
+    source: str  # a file path, or "tar:<path>"
+    image_ref: object  # a Path, or (offset, size) inside the tar
+    caption: str
+
+
+def folder_pairs(folder):
+    """Pairs from an image folder: metadata.jsonl / .csv (file_name, text) or .txt captions."""
+    folder = Path(folder)
+    for table in (folder / "metadata.jsonl", folder / "metadata.csv"):
+        if table.is_file():
+            return _table_pairs(folder, table), 0
+    pairs, missing = [], 0
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            missing += 1
+            continue
+        pairs.append(Pair(str(image), image, caption.read_text(encoding="utf-8", errors="replace").strip()))
+    return pairs, missing
+
+
+def _table_pairs(folder, table):
+    if table.suffix == ".jsonl":
+        rows = [json.loads(line) for line in table.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    pairs = []
+    for row in rows:
+        name, text = row.get("file_name"), row.get("text", row.get("caption"))
+        if name and text is not None and (folder / name).is_file():
+            pairs.append(Pair(str(folder / name), folder / name, str(text).strip()))
+    return pairs
+
+
+def tar_pairs(paths):
+    """Pairs from webdataset shards: members grouped by key (name up to the first dot)."""
+    pairs, missing = [], 0
+    for path in paths:
+        with tarfile.open(path) as tar:
+            groups = {}
+            for member in tar.getmembers():
+                if member.isfile():
+                    folder, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    groups.setdefault(f"{folder}/{stem}", {})["." + ext.lower()] = member
+            for key in sorted(groups):
+                members = groups[key]
+                image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
+                caption = next((members[s] for s in CAPTION_SUFFIXES if s in members), None)
+                if image is None:
+                    continue
+                if caption is None:
+                    missing += 1
+                    continue
+                text = tar.extractfile(caption).read().decode("utf-8", errors="replace")
+                if caption.name.endswith(".json"):
+                    meta = json.loads(text)
+                    text = meta.get("caption", meta.get("text", ""))
+                pairs.append(Pair(f"tar:{path}", (image.offset_data, image.size), text.strip()))
+    return pairs, missing
+
+
+def expand_source(data):
+    """A folder, a .tar path, or a brace pattern of shards ('s/{000..009}.tar') -> ('folder'|'tar', paths)."""
+    from braceexpand import braceexpand
+
+    if Path(data).is_dir():
+        return "folder", [Path(data)]
+    paths = [Path(p) for p in braceexpand(str(data))]
+    if all(p.suffix == ".tar" for p in paths):
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(
+                f"data shards not found: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
+        return "tar", paths
+    raise DataError(f"data {data} is neither an image folder nor .tar shards")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (pixels in [-1, 1] [3, R, R], caption); unreadable image -> None (skipped)."""
+
+    def __init__(self, data, resolution):
+        kind, paths = expand_source(data)
+        self.pairs, self.missing_captions = folder_pairs(paths[0]) if kind == "folder" else tar_pairs(paths)
+        self.resolution = resolution
+        if not self.pairs:
+            raise DataError(
+                f"data {data} has no usable image + caption pairs "
+                f"({self.missing_captions} images without a caption); "
+                "give each image a same-name .txt, or a metadata.jsonl / metadata.csv with file_name,text"
+            )
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def _bytes(self, pair):
+        if pair.source.startswith("tar:"):
+            offset, size = pair.image_ref
+            with open(pair.source[4:], "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        return Path(pair.image_ref).read_bytes()
+
+    def __getitem__(self, index):
+        pair = self.pairs[index]
+        try:
+            image = Image.open(io.BytesIO(self._bytes(pair)))
+            image = image.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt image: skip and count
+            log.debug("skipping %s: %s", pair.source, exc)
+            return None
+        return resize_center_crop(image, self.resolution), pair.caption
+
+
+def resize_center_crop(image, resolution):
+    """Resize the short side to `resolution`, center-crop a square, to a [3, R, R] tensor in [-1, 1]."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
+        resolution, resolution, 3
+    )
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def collate(samples):
+    """Stack the readable samples; count the skipped ones in the batch ('skipped')."""
+    good = [s for s in samples if s is not None]
+    pixels = torch.stack([s[0] for s in good]) if good else torch.zeros(0)
+    return {"pixels": pixels, "captions": [s[1] for s in good], "skipped": len(samples) - len(good)}
+
+
+def batch_indices(num_items, batch_size, rank, world_size, seed, start_batch=0):
+    """Endless per-rank batches of indices: each epoch a seeded shuffle split across ranks (drop last);
+    starts at this rank's batch `start_batch` (for exact resume)."""
+    per_rank = num_items // world_size
+    if per_rank < batch_size:
+        raise DataError(
+            f"{num_items} usable pairs cannot fill a batch of {batch_size} on each of {world_size} processes"
+        )
+    batches_per_epoch = per_rank // batch_size
+    batch = start_batch
+    while True:
+        epoch, within = divmod(batch, batches_per_epoch)
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        mine = order[rank * per_rank : (rank + 1) * per_rank]
+        for b in range(within, batches_per_epoch):
+            yield mine[b * batch_size : (b + 1) * batch_size].tolist()
+            batch += 1
+
+
+def make_loader(dataset, batch_size, rank, world_size, seed, start_batch=0, num_workers=0):
+    """DataLoader over batch_indices (a resume at batch k reads what a straight run would)."""
+    sampler = batch_indices(len(dataset), batch_size, rank, world_size, seed, start_batch)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_Iterable(sampler),
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+
+
+class _Iterable:
+    """Wrap a generator as a batch_sampler (DataLoader wants an iterable, len is not needed)."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __iter__(self):
+        return self.generator

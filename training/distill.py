@@ -1,0 +1,27 @@
+"""`python -m training.distill --teacher model.safetensors --data images/`: distill a SCott (or LCM) LoRA."""
+
+import logging
+import sys
+
+from .config import UserError, parse_config
+
+
+def main(argv=None):
+    """CLI entry: parse, train, export; a user mistake is one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        cfg = parse_config(argv)
+        from .loop import train
+
+        path = train(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"LoRA written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Export the student LoRA as kohya-format .safetensors (lora_unet_* + real .alpha) with SCott metadata."""
+
+import json
+import os
+from pathlib import Path
+
+from scott_core import lora_format
+
+from .models import STUDENT
+
+
+def peft_state_dict(unet, adapter=STUDENT):
+    """The adapter's weights in peft/diffusers naming ('<module>.lora_A.weight'), adapter tag removed."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()
+    }
+
+
+def to_kohya(peft_sd, alpha):
+    """peft UNet LoRA keys -> kohya keys (lora_unet_*.lora_down/up) with the real lora_alpha as .alpha."""
+    meta = {lora_format.DIFFUSERS_METADATA_KEY: json.dumps({"lora_alpha": float(alpha)})}
+    return {k: v.contiguous() for k, v in lora_format.to_kohya(peft_sd, meta).items()}
+
+
+def metadata(cfg, teacher_name, teacher_sha256):
+    """String metadata: what the LoRA is, which base it was distilled from, and how to sample it."""
+    values = {
+        "scott.format": "1",
+        "scott.base_model": teacher_name,
+        "scott.base_model_sha256": teacher_sha256,
+        "scott.resolution": cfg.resolution,
+        "scott.mode": cfg.mode,
+        "scott.solver": cfg.solver,
+        "scott.noise_strength": cfg.noise_strength,
+        "scott.sub_steps": cfg.sub_steps,
+        "scott.adv_weight": cfg.adv_weight,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg.lora_rank,
+        "ss_network_alpha": cfg.lora_alpha,
+        "ss_base_model_version": "sd_v1",
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.title": cfg.name,
+    }
+    values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+    return {
+        **values,
+        **lora_format.sampling_metadata(cfg.recommended_steps, cfg.recommended_gamma, cfg.recommended_cfg),
+    }
+
+
+def export_lora(unet, cfg, teacher_name, teacher_sha256, path):
+    """Write the student LoRA to `path` atomically (temp + rename); returns the kohya state dict."""
+    from safetensors.torch import save_file
+
+    state = to_kohya(peft_state_dict(unet), cfg.lora_alpha)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata(cfg, teacher_name, teacher_sha256))
+    os.replace(tmp, path)
+    return state

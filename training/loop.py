@@ -1,0 +1,282 @@
+"""The training loop on accelerate: build the run, then step, log, checkpoint, validate, export."""
+
+import importlib.util
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from scott_core.schedule import alphas_cumprod, training_grid
+
+from . import checkpoint
+from .config import UserError
+from .data import PairDataset, make_loader
+from .export import export_lora
+from .models import (
+    DISC,
+    STUDENT,
+    DiscriminatorHead,
+    add_adapters,
+    check_teacher_path,
+    ema_update,
+    load_teacher,
+    up_block_channels,
+)
+from .step import SCottStep, draw
+from .validation import read_prompts, validation_grid
+
+log = logging.getLogger("training")
+
+
+class TrainingDiverged(UserError):
+    """The loss went NaN or inf: training stops, the last good checkpoint stays."""
+
+
+@dataclass
+class Run:
+    """Everything one run holds: the accelerator, the prepared SCott model and optimiser, the encoders."""
+
+    cfg: object
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    teacher: object
+    dataset: object
+    grid: torch.Tensor
+    uncond: torch.Tensor
+
+    @property
+    def unet(self):
+        return self.accelerator.unwrap_model(self.model).unet
+
+
+def step_generator(seed, rank, step, micro):
+    """The generator of one micro-batch's randomness: a pure function of (seed, rank, step, micro)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+
+
+def weight_dtype(mixed_precision, device):
+    """dtype of the frozen base weights: bf16 under bf16 autocast, fp16 under fp16 on CUDA (CPU autocast has
+    no fp16), else fp32. The LoRA weights stay fp32."""
+    if mixed_precision == "bf16" or (mixed_precision == "fp16" and device.type == "cuda"):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    return torch.float32
+
+
+def build(cfg):
+    """Accelerator, teacher + adapters + head, optimiser, data: a run ready at step 0."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output = Path(cfg.output)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard" if tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    check_teacher_path(
+        cfg.teacher, cfg.trust_ckpt
+    )  # the cheap checks first: the teacher's kind, then the data
+    dataset = PairDataset(cfg.data, cfg.resolution)
+    teacher = load_teacher(
+        cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
+    )
+    unet = teacher.unet
+    set_seed(cfg.seed)  # LoRA A and head initialisation (the same on every process)
+    adversarial = cfg.adv_weight > 0
+    add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if adversarial else None)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    head = DiscriminatorHead(up_block_channels(unet)) if adversarial else None
+    model = SCottStep(unet, cfg, alphas_cumprod(), head)
+    groups = [{"params": [p for n, p in unet.named_parameters() if f".{STUDENT}." in n], "lr": cfg.lr}]
+    if adversarial:
+        disc = [p for n, p in unet.named_parameters() if f".{DISC}." in n] + list(head.parameters())
+        groups.append({"params": disc, "lr": cfg.disc_lr})
+    optimizer = torch.optim.AdamW(groups)
+    warmup = max(cfg.lr_warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    checkpoint.register_hooks(accelerator)
+    teacher.vae.to(accelerator.device)
+    teacher.text_encoder.to(accelerator.device)
+    run = Run(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        teacher,
+        dataset,
+        training_grid(cfg.grid_spacing),
+        None,
+    )
+    run.uncond = encode_text(run, [""])
+    return run
+
+
+@torch.no_grad()
+def encode_text(run, captions):
+    """CLIP last hidden states [B, 77, D] of the captions (padded to the tokenizer's 77)."""
+    tokenizer = run.teacher.tokenizer
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return run.teacher.text_encoder(ids.to(run.accelerator.device))[0].float()
+
+
+@torch.no_grad()
+def encode_images(run, pixels, generator):
+    """z0 = vae.encode(x).sample() * scaling_factor, the sample drawn from `generator`."""
+    vae = run.teacher.vae
+    dist = vae.encode(pixels.to(run.accelerator.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+    return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
+
+
+def train_step(run, batches, step):
+    """One optimiser step over len(batches) micro-batches; returns the last micro-batch's losses."""
+    accelerator, cfg = run.accelerator, run.cfg
+    for micro, batch in enumerate(batches):
+        generator = step_generator(cfg.seed, accelerator.process_index, step, micro)
+        with accelerator.accumulate(run.model):
+            z0 = encode_images(run, batch["pixels"], generator)
+            cond = encode_text(run, batch["captions"])
+            losses = run.model(z0, cond, run.uncond, draw(z0, run.grid, cfg, generator))
+            finite = torch.tensor([float(torch.isfinite(losses["loss"]).item())], device=accelerator.device)
+            if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
+                raise TrainingDiverged(f"loss is {losses['loss'].item()} at step {step + 1}: stopped")
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    ema_update(run.unet, cfg.ema_decay)
+    return {k: v.item() for k, v in losses.items()}
+
+
+def data_batches(run, start_step):
+    """Endless micro-batches for this process, starting where a straight run would be at start_step."""
+    cfg, accelerator = run.cfg, run.accelerator
+    loader = make_loader(
+        run.dataset,
+        cfg.batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        cfg.seed,
+        start_batch=start_step * cfg.grad_accum,
+        num_workers=cfg.num_workers,
+    )
+    yield from loader
+
+
+def take_micro_batches(batches, count):
+    """`count` non-empty micro-batches, and how many unreadable images the loader skipped on the way."""
+    micro, skipped = [], 0
+    while len(micro) < count:
+        batch = next(batches)
+        skipped += batch["skipped"]
+        if batch["captions"]:
+            micro.append(batch)
+    return micro, skipped
+
+
+def validate(run, step, prompts):
+    """Write output/validation/step_N.png on the main process."""
+    if not run.accelerator.is_main_process:
+        return None
+    cfg, unet = run.cfg, run.unet
+    vae_scale = 2 ** (len(run.teacher.vae.config.block_out_channels) - 1)
+    latent = cfg.resolution // vae_scale
+    shape = (unet.config.in_channels, latent, latent)
+    path = Path(cfg.output) / "validation" / f"step_{step:07d}.png"
+    with run.accelerator.autocast():
+        validation_grid(
+            unet,
+            run.teacher.vae,
+            encode_text(run, prompts),
+            cfg.validation_step_counts(),
+            alphas_cumprod(),
+            shape,
+            path,
+            gamma=cfg.recommended_gamma,
+            seed=cfg.seed,
+        )
+    return path
+
+
+def train(cfg):
+    """Run cfg to max_steps (resuming if asked); returns the exported LoRA's path."""
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(cfg.validation_prompts) if cfg.validate_every else []
+    run = build(cfg)
+    accelerator = run.accelerator
+    ckpt_dir = output / "checkpoints"
+    resume = checkpoint.resolve(cfg.resume, ckpt_dir)
+    step = checkpoint.load(accelerator, resume) if resume else 0
+    if accelerator.is_main_process:
+        cfg.save(output / "config.json")
+        log.info(
+            "%d pairs (%d images without a caption skipped); %s",
+            len(run.dataset),
+            run.dataset.missing_captions,
+            f"resuming at step {step}" if resume else "fresh run",
+        )
+    if accelerator.log_with:
+        accelerator.init_trackers("scott", config={k: v for k, v in asdict(cfg).items() if v is not None})
+    batches, skipped = data_batches(run, step), 0
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.mode)
+    last_good = checkpoint.checkpoints(ckpt_dir)[-1:] or [None]
+    run.model.train()
+    started = time.perf_counter()
+    try:
+        while step < cfg.max_steps:
+            micro, dropped = take_micro_batches(batches, cfg.grad_accum)
+            skipped += dropped
+            try:
+                losses = train_step(run, micro, step)
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(
+                    f"{exc}; last good checkpoint: {last_good[0] or 'none written yet'}"
+                ) from None
+            step += 1
+            lr = run.scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=skipped)
+            progress.update(1)
+            if accelerator.log_with and step % cfg.log_every == 0:
+                accelerator.log(
+                    {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": skipped},
+                    step=step,
+                )
+            if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                last_good = [checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)]
+            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+                validate(run, step, prompts)
+    finally:
+        progress.close()
+    path = output / f"{cfg.name}.safetensors"
+    if accelerator.is_main_process:
+        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path)
+        log.info(
+            "%d steps in %.1f s; %d unreadable images skipped; LoRA written to %s",
+            step,
+            time.perf_counter() - started,
+            skipped,
+            path,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return path
