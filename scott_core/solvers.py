@@ -14,7 +14,8 @@ def default_noise_sampler(x, generator=None, seed=None):
     """noise_sampler(t, t_next) drawing standard normals shaped like x from `generator` (or a new one seeded `seed`)."""
     if generator is None and seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
-    return lambda t, t_next: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    device = x.device if generator is None else generator.device  # a CPU generator also serves a CUDA latent
+    return lambda t, t_next: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def cfg_combine(eps_cond, eps_uncond, w):
