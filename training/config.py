@@ -56,9 +56,17 @@ class DistillConfig:
         None,
         "training images: a folder of images with same-name .txt captions (or metadata.jsonl / "
         ".csv with file_name,text), or webdataset .tar shards, brace patterns allowed "
-        "('shards/{000..099}.tar')",
-        required=True,
+        "('shards/{000..099}.tar'). Omit it for data-free distillation: the teacher first draws --synth-images "
+        "images from the built-in prompt list into <output>/synth; 'prompts:FILE' does the same from your "
+        "prompts (one a line)",
     )
+    synth_images: int = _opt(
+        10000,
+        "data-free only: how many teacher images to draw (about 4 h of a 2024 GPU at 512 px, so that "
+        "drawing and a 1000-step run fit in one GPU-day)",
+    )
+    synth_steps: int = _opt(25, "data-free only: DPM-Solver++ 2M steps per teacher image")
+    synth_cfg: float = _opt(7.5, "data-free only: classifier-free guidance scale of the teacher images")
     output: str = _opt(
         "output", "output folder: checkpoints/, validation/, logs/, config.json and the exported LoRA"
     )
@@ -164,6 +172,8 @@ class DistillConfig:
             "keep_checkpoints",
             "disc_lora_rank",
             "log_every",
+            "synth_images",
+            "synth_steps",
         )
         for key in positive:
             if getattr(self, key) < 1:
@@ -207,7 +217,9 @@ def _base_type(annotation):
 
 
 def _metavar(name, kind):
-    if name in ("teacher", "data", "output", "validation_prompts"):
+    if name == "data":
+        return "PATH|prompts:FILE"
+    if name in ("teacher", "output", "validation_prompts"):
         return "PATH"
     return "PATH|latest" if name == "resume" else kind.__name__.upper()
 
@@ -215,6 +227,8 @@ def _metavar(name, kind):
 def _default_text(f):
     if f.metadata.get("required"):
         return " (required)"
+    if f.default is None and f.name == "data":
+        return " (default: the built-in prompt list, data-free)"
     if f.name in MODE_DEFAULTS["scott"]:
         return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
     return f" (default: {f.default})"

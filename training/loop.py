@@ -16,6 +16,7 @@ from .config import UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
 from .models import (
+    ASSETS,
     DISC,
     STUDENT,
     DiscriminatorHead,
@@ -26,6 +27,7 @@ from .models import (
     up_block_channels,
 )
 from .step import SCottStep, draw
+from .synth import synth_prompts, synthesize_run
 from .validation import read_prompts, validation_grid
 
 log = logging.getLogger("training")
@@ -80,13 +82,14 @@ def build(cfg):
         log_with="tensorboard" if tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
-    check_teacher_path(
-        cfg.teacher, cfg.trust_ckpt
-    )  # the cheap checks first: the teacher's kind, then the data
-    dataset = PairDataset(cfg.data, cfg.resolution)
+    check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
+    prompts = synth_prompts(cfg.data)
+    dataset = None if prompts is not None else PairDataset(cfg.data, cfg.resolution)
     teacher = load_teacher(
         cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
     )
+    if prompts is not None:
+        dataset = synthetic_dataset(cfg, accelerator, teacher, prompts)
     unet = teacher.unet
     set_seed(cfg.seed)  # LoRA A and head initialisation (the same on every process)
     adversarial = cfg.adv_weight > 0
@@ -120,6 +123,20 @@ def build(cfg):
     )
     run.uncond = encode_text(run, [""])
     return run
+
+
+def synthetic_dataset(cfg, accelerator, teacher, prompts):
+    """Data-free: every process draws its shard of the teacher images, then all read the whole folder."""
+    folder, made = synthesize_run(
+        cfg, teacher, prompts, ASSETS / "scheduler", accelerator.device,
+        accelerator.process_index, accelerator.num_processes,
+    )
+    accelerator.wait_for_everyone()
+    log.info(
+        "data-free: rank %d drew %d new teacher images into %s (%d in the run)",
+        accelerator.process_index, made, folder, cfg.synth_images,
+    )
+    return PairDataset(str(folder), cfg.resolution)
 
 
 @torch.no_grad()

@@ -7,6 +7,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .synth_prompts import builtin_prompts, read_prompt_file
+
+PROMPTS_PREFIX = "prompts:"
+
 
 @dataclass(frozen=True)
 class SynthItem:
@@ -78,3 +82,37 @@ def pipeline_generator(pipe, steps=25, cfg=7.5, resolution=512):
         ).images
 
     return generate
+
+
+def synth_prompts(data):
+    """The prompts of a data-free run (None: the built-in list; 'prompts:FILE': the file's), else None."""
+    if data is None:
+        return builtin_prompts()
+    if str(data).startswith(PROMPTS_PREFIX):
+        return read_prompt_file(str(data)[len(PROMPTS_PREFIX) :])
+    return None
+
+
+def teacher_pipeline(teacher, scheduler_config):
+    """A StableDiffusionPipeline over the teacher's modules with DPM-Solver++ 2M (no safety checker)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(
+        str(scheduler_config), algorithm_type="dpmsolver++", solver_order=2
+    )
+    pipe = StableDiffusionPipeline(
+        vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def synthesize_run(cfg, teacher, prompts, scheduler_config, device, rank=0, world_size=1):
+    """Fill <output>/synth with this process's shard of the run's images; returns (folder, images made)."""
+    folder = Path(cfg.output) / "synth"
+    pipe = teacher_pipeline(teacher, scheduler_config).to(device)
+    generate = pipeline_generator(pipe, cfg.synth_steps, cfg.synth_cfg, cfg.resolution)
+    items = shard(plan(prompts, cfg.synth_images, cfg.seed), rank, world_size)
+    made = synthesize(generate, items, folder, cfg.batch_size, rank, show_progress=rank == 0)
+    return folder, made

@@ -4,6 +4,8 @@ import itertools
 import random
 from pathlib import Path
 
+from .config import UserError
+
 SUBJECTS = [
     "an old fisherman", "a young woman with freckles", "a red fox", "a snow leopard", "a lighthouse",
     "a vintage car", "a steam locomotive", "a bowl of ramen", "a cup of coffee", "a medieval castle",
@@ -47,15 +49,15 @@ def builtin_prompts(count=2400, seed=0):
 
 
 def read_prompt_file(path):
-    """One prompt per non-empty line of a UTF-8 text file; a clear ValueError if it is unreadable or empty."""
+    """One prompt per non-empty line of a UTF-8 text file; a clear UserError if it is unreadable or empty."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"prompt file {path} does not exist; give a text file with one prompt per line") from None
+        raise UserError(f"prompt file {path} does not exist; give a text file with one prompt per line") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"prompt file {path} cannot be read as UTF-8 text: {error}") from None
+        raise UserError(f"prompt file {path} cannot be read as UTF-8 text: {error}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts; write one prompt per line")
+        raise UserError(f"prompt file {path} has no prompts; write one prompt per line")
     return prompts
