@@ -34,6 +34,26 @@ MODE_DEFAULTS = {
 }
 
 
+DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
+WORLD_PREFIX = "world:"
+# `--teacher demo`: the shipped shapes-world teacher (training/world), with defaults sized for minutes on a CPU.
+# Flags given on the command line still win.
+DEMO_DEFAULTS = {
+    "data": WORLD_PREFIX + "4000",
+    "output": "runs/demo",
+    "resolution": 64,
+    "batch_size": 16,
+    "max_steps": 300,
+    "lr": 3e-4,
+    "lora_rank": 16,
+    "disc_lora_rank": 8,
+    "checkpoint_every": 100,
+    "validate_every": 100,
+    "validation_prompts": str(DEMO_TEACHER / "prompts.txt"),
+    "num_workers": 0,
+}
+
+
 class UserError(ValueError):
     """A mistake the user can fix (bad flag, teacher, data): the CLI prints one line, exits non-zero."""
 
@@ -49,14 +69,16 @@ class DistillConfig:
     teacher: str = _opt(
         None,
         "the teacher: a single-file SD1.5-family checkpoint (.safetensors, original SD "
-        "layout) or a diffusers folder",
+        "layout) or a diffusers folder; 'demo' = the shipped 64 px shapes-world teacher, with defaults sized "
+        "for a few minutes on a CPU (data world:4000, resolution 64, batch 16, 300 steps, rank 16)",
         required=True,
     )
     data: str = _opt(
         None,
         "training images: a folder of images with same-name .txt captions (or metadata.jsonl / "
         ".csv with file_name,text), or webdataset .tar shards, brace patterns allowed "
-        "('shards/{000..099}.tar'). Omit it for data-free distillation: the teacher first draws --synth-images "
+        "('shards/{000..099}.tar'); 'world:N' renders N shapes-world images into <output>/world. Omit it "
+        "for data-free distillation: the teacher first draws --synth-images "
         "images from the built-in prompt list into <output>/synth; 'prompts:FILE' does the same from your "
         "prompts (one a line)",
     )
@@ -147,6 +169,8 @@ class DistillConfig:
         if self.mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         values = dataclasses.asdict(self)
+        if self.teacher == "demo":
+            values["teacher"] = str(demo_teacher())
         for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
@@ -209,6 +233,16 @@ class DistillConfig:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
 
 
+def demo_teacher():
+    """The shipped shapes-world teacher's folder; a UserError saying how to rebuild it if it is missing."""
+    if not (DEMO_TEACHER / "model_index.json").is_file():
+        raise UserError(
+            f"the demo teacher is missing from {DEMO_TEACHER}; rebuild it with "
+            f"python -m training.world.teacher --out {DEMO_TEACHER}"
+        )
+    return DEMO_TEACHER
+
+
 def _base_type(annotation):
     """str / int / float / bool from a (possibly Optional) annotation."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -218,7 +252,7 @@ def _base_type(annotation):
 
 def _metavar(name, kind):
     if name == "data":
-        return "PATH|prompts:FILE"
+        return "PATH|prompts:FILE|world:N"
     if name in ("teacher", "output", "validation_prompts"):
         return "PATH"
     return "PATH|latest" if name == "resume" else kind.__name__.upper()
@@ -264,6 +298,10 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """CLI arguments -> resolved DistillConfig."""
-    args = build_parser().parse_args(argv)
+    """CLI arguments -> resolved DistillConfig (`--teacher demo` first swaps in DEMO_DEFAULTS)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.teacher == "demo":
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
     return DistillConfig(**vars(args)).resolved()

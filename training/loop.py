@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
-from .config import UserError
+from .config import WORLD_PREFIX, UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
 from .models import (
@@ -83,8 +83,9 @@ def build(cfg):
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
-    prompts = synth_prompts(cfg.data)
-    dataset = None if prompts is not None else PairDataset(cfg.data, cfg.resolution)
+    prompts = synth_prompts(cfg.data)  # a bad prompt file fails here, before any model loads
+    data = world_folder(cfg, accelerator) if str(cfg.data).startswith(WORLD_PREFIX) else cfg.data
+    dataset = None if prompts is not None else PairDataset(data, cfg.resolution)
     teacher = load_teacher(
         cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
     )
@@ -123,6 +124,20 @@ def build(cfg):
     )
     run.uncond = encode_text(run, [""])
     return run
+
+
+def world_folder(cfg, accelerator):
+    """'world:N': the first N shapes-world images (seed 0) rendered once into <output>/world."""
+    from .world.scenes import write_folder
+
+    count = cfg.data[len(WORLD_PREFIX) :]
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"--data {cfg.data}: give world:N with N >= 1 images, e.g. world:4000")
+    folder = Path(cfg.output) / "world"
+    if accelerator.is_main_process:
+        write_folder(folder, int(count))
+    accelerator.wait_for_everyone()
+    return str(folder)
 
 
 def synthetic_dataset(cfg, accelerator, teacher, prompts):

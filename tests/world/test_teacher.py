@@ -1,0 +1,88 @@
+"""The shapes-world teacher: the --quick run writes an SD1.5-family folder; the shipped one fits and loads."""
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from scott_core.schedule import alphas_cumprod
+from training.config import DEMO_TEACHER
+from training.models import check_teacher_path, load_teacher
+from training.world import scenes
+from training.world import teacher as world_teacher
+
+MODEL_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def quick_teacher(tmp_path_factory):
+    """A --quick teacher (tiny models, a few steps a phase), built once for this module."""
+    out = tmp_path_factory.mktemp("teacher") / "demo"
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:
+        world_teacher.main(["--out", str(out), "--quick", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, handler)
+    return out
+
+
+def latent_size(teacher, resolution=scenes.SIZE):
+    """The trainer's latent size: resolution // 2 ** (VAE levels - 1)."""
+    return resolution // 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+
+
+def test_quick_teacher_is_an_sd15_family_folder(quick_teacher):
+    assert check_teacher_path(quick_teacher) == "sd15"
+    teacher = load_teacher(quick_teacher)
+    assert latent_size(teacher) == 16 == teacher.unet.config.sample_size
+    assert teacher.unet.dtype == torch.float32
+    assert teacher.unet.config.cross_attention_dim == teacher.text_encoder.config.hidden_size
+    assert teacher.tokenizer.vocab_size == teacher.text_encoder.config.vocab_size == 49408
+    assert teacher.vae.config.scaling_factor != 1.0  # measured from the latents, not the default
+
+
+def test_quick_teacher_files_are_fp16(quick_teacher):
+    for name in MODEL_FILES + ("text_encoder/model.safetensors",):
+        with safe_open(str(quick_teacher / name), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, name
+
+
+def test_quick_teacher_has_sd15_schedule(quick_teacher):
+    from diffusers import DDPMScheduler
+
+    config = json.loads((quick_teacher / "scheduler" / "scheduler_config.json").read_text())
+    assert config.get("prediction_type", "epsilon") == "epsilon"
+    scheduler = DDPMScheduler.from_pretrained(str(quick_teacher / "scheduler"))
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), alphas_cumprod(), atol=1e-6, rtol=0)
+
+
+def test_quick_teacher_prompts_are_world_captions(quick_teacher):
+    prompts = (quick_teacher / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    parsed = [scenes.parse_caption(p) for p in prompts]
+    assert len(parsed) == 8
+    assert {len(scene.shapes) for scene in parsed} == {1, 2}
+    assert (quick_teacher / "README.md").read_text(encoding="utf-8").startswith("# Shapes-world demo teacher")
+
+
+def test_quick_teacher_generates_a_64px_image(quick_teacher):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(quick_teacher), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    ).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(world_teacher.PROMPTS[0], num_inference_steps=2, guidance_scale=7.5, generator=generator).images[0]
+    assert image.size == (scenes.SIZE, scenes.SIZE)
+
+
+@pytest.mark.skipif(not (DEMO_TEACHER / "model_index.json").is_file(), reason="no shipped demo teacher")
+def test_shipped_demo_teacher_fits_and_loads():
+    assert world_teacher.folder_mb(DEMO_TEACHER) <= 20.0
+    teacher = load_teacher(DEMO_TEACHER)
+    assert latent_size(teacher) == 16 == teacher.unet.config.sample_size
+    prompts = (DEMO_TEACHER / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    assert all(scenes.parse_caption(p) for p in prompts)

@@ -1,0 +1,145 @@
+"""The shapes world: captioned 64 px scenes of one or two coloured shapes, drawn deterministically from a seed.
+
+A scene is one shape at a position ("a large red circle on the left on a grey background") or two shapes in a
+relation ("a small blue square above a large yellow triangle on a white background"). Relations are only "above"
+and "left of", so the first shape named is always the top (or left) one: every attribute of a caption can be read
+back from the image alone, which is what the evaluator's classifier does.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SIZE = 64
+SUPERSAMPLE = 4
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 35),
+    "purple": (140, 55, 185),
+}
+BACKGROUNDS = {"grey": (128, 128, 128), "white": (238, 238, 238), "black": (22, 22, 22)}
+SIZES = {"small": 7.0, "large": 12.0}  # half-width in pixels at 64 px
+POSITIONS = {
+    "on the left": (0.25, 0.5),
+    "on the right": (0.75, 0.5),
+    "at the top": (0.5, 0.25),
+    "at the bottom": (0.5, 0.75),
+    "in the center": (0.5, 0.5),
+}
+RELATIONS = {"above": ((0.5, 0.27), (0.5, 0.73)), "left of": ((0.27, 0.5), (0.73, 0.5))}
+JITTER = 0.06  # of the image size, uniform in each axis
+LAYOUTS = tuple(POSITIONS) + tuple(RELATIONS)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape's attributes."""
+
+    shape: str
+    colour: str
+    size: str
+
+    def words(self):
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A background, a layout (a position for one shape, a relation for two) and the shapes, top/left first."""
+
+    background: str
+    layout: str
+    shapes: tuple
+
+    @property
+    def caption(self):
+        first = self.shapes[0].words()
+        where = f"{first} {self.layout}" if len(self.shapes) == 1 else f"{first} {self.layout} {self.shapes[1].words()}"
+        return f"{where} on a {self.background} background"
+
+
+def random_scene(rng):
+    """A scene drawn from `rng` (random.Random): one shape or two with equal probability."""
+
+    def shape():
+        return Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)))
+
+    background = rng.choice(list(BACKGROUNDS))
+    if rng.random() < 0.5:
+        return Scene(background, rng.choice(list(POSITIONS)), (shape(),))
+    return Scene(background, rng.choice(list(RELATIONS)), (shape(), shape()))
+
+
+def parse_caption(caption):
+    """The Scene a caption describes (the inverse of Scene.caption); ValueError if it is not a world caption."""
+    text = caption.strip()
+    body, sep, background = text.rpartition(" on a ")
+    background = background.removesuffix(" background")
+    if not sep or background not in BACKGROUNDS:
+        raise ValueError(f"not a shapes-world caption: {caption!r}")
+    for layout in LAYOUTS:
+        first, found, rest = body.partition(f" {layout}")
+        if found and (layout in POSITIONS) == (rest == ""):
+            shapes = (_parse_shape(first, caption),)
+            if rest:
+                shapes += (_parse_shape(rest.strip(), caption),)
+            return Scene(background, layout, shapes)
+    raise ValueError(f"not a shapes-world caption: {caption!r}")
+
+
+def _parse_shape(words, caption):
+    parts = words.split()
+    if len(parts) != 4 or parts[0] != "a" or parts[1] not in SIZES or parts[2] not in COLOURS or parts[3] not in SHAPES:
+        raise ValueError(f"not a shapes-world caption: {caption!r}")
+    return Shape(parts[3], parts[2], parts[1])
+
+
+def centres(scene, rng):
+    """Pixel centres of the scene's shapes: the layout's anchor points plus uniform jitter from `rng`."""
+    anchors = [POSITIONS[scene.layout]] if scene.layout in POSITIONS else list(RELATIONS[scene.layout])
+    return [((x + rng.uniform(-JITTER, JITTER)) * SIZE, (y + rng.uniform(-JITTER, JITTER)) * SIZE) for x, y in anchors]
+
+
+def render(scene, rng):
+    """The scene as a SIZE x SIZE RGB PIL image (drawn at 4x, then downsampled: antialiased edges)."""
+    scale = SUPERSAMPLE
+    image = Image.new("RGB", (SIZE * scale, SIZE * scale), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for shape, (x, y) in zip(scene.shapes, centres(scene, rng)):
+        r = SIZES[shape.size] * scale
+        x, y = x * scale, y * scale
+        fill = COLOURS[shape.colour]
+        if shape.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif shape.shape == "square":
+            draw.rectangle((x - r * 0.9, y - r * 0.9, x + r * 0.9, y + r * 0.9), fill=fill)
+        else:
+            draw.polygon([(x, y - r), (x - r * 1.05, y + r * 0.8), (x + r * 1.05, y + r * 0.8)], fill=fill)
+    return image.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def sample(index, seed=0):
+    """Scene and image number `index` of the world with `seed`: a pure function of (seed, index)."""
+    rng = random.Random(seed * 1_000_003 + index)
+    scene = random_scene(rng)
+    return scene, render(scene, rng)
+
+
+def write_folder(folder, count, seed=0):
+    """Write images 0..count-1 as NNNNNN.png + NNNNNN.txt (an ordinary training folder); skips existing ones."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        png = folder / f"{index:06d}.png"
+        if png.is_file():
+            continue
+        scene, image = sample(index, seed)
+        (folder / f"{index:06d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
+        image.save(png.with_suffix(".png.tmp"), format="PNG")
+        png.with_suffix(".png.tmp").replace(png)
+    return folder
