@@ -34,12 +34,13 @@ METRICS = ("fd", "prompt_acc", "exact_match", "precision", "recall", "density", 
 STRIP = 8  # images per PNG strip: the first 8 evaluation captions, generation seed 0
 
 
-def distill(arm, seed, out, max_steps):
-    """The (arm, seed) LoRA, trained by the CLI unless it already exists."""
+def distill(arm, seed, out, max_steps, train_images):
+    """The (arm, seed) LoRA, trained by the CLI on world:train_images unless it already exists."""
     folder = Path(out) / "runs" / f"{arm}_seed{seed}"
     lora = folder / f"{arm}.safetensors"
     if not lora.is_file():
         argv = ["--teacher", "demo", "--output", str(folder), "--name", arm, "--seed", str(seed)]
+        argv += ["--data", f"world:{train_images}"]
         argv += ["--max-steps", str(max_steps), "--validate-every", "0", "--checkpoint-every", "0", *ARMS[arm]]
         subprocess.run([sys.executable, "-m", "training.distill", *argv], check=True)
     return lora
@@ -174,7 +175,7 @@ def add_row(results, row, key, images, captions, ctx):
         strip(images, docs / "world" / f"{key.rsplit('_s', 1)[0]}.png")
 
 
-def run_report(out, seeds, max_steps, n_eval, docs):
+def run_report(out, seeds, max_steps, n_eval, docs, train_images=4000):
     """Train, sample, score; write <docs>/world_table.md, world_results.json and the strips."""
     out, docs = Path(out), Path(docs)
     real = scenes.write_folder(out / "real", n_eval, seed=EVAL_SEED)
@@ -191,14 +192,14 @@ def run_report(out, seeds, max_steps, n_eval, docs):
             images = student_images(base, captions, steps, seed)
             add_row(results, f"teacher, no LoRA, {plural(steps)}", f"nolora_{steps}step_s{seed}", images, captions, ctx)
         for arm in ARMS:
-            pipe = load_pipeline(distill(arm, seed, out, max_steps))
+            pipe = load_pipeline(distill(arm, seed, out, max_steps, train_images))
             for steps in STUDENT_STEPS:
                 images = student_images(pipe, captions, steps, seed)
                 add_row(results, f"{arm} {plural(steps)}", f"{arm}_{steps}step_s{seed}", images, captions, ctx)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     table = summarize(results)
     docs.mkdir(parents=True, exist_ok=True)
-    numbers = {"seeds": seeds, "max_steps": max_steps, "n_eval": n_eval, "raw": results}
+    numbers = {"seeds": seeds, "max_steps": max_steps, "train_images": train_images, "n_eval": n_eval, "raw": results}
     (docs / "world_results.json").write_text(json.dumps(numbers, indent=1) + "\n")
     text = markdown(table, seeds)
     (docs / "world_table.md").write_text(text + "\n")
@@ -212,9 +213,10 @@ def main(argv=None):
     parser.add_argument("--docs", default="docs", help="where the table, JSON and PNG strips go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")
     parser.add_argument("--max-steps", type=int, default=300, help="the training budget of every LoRA")
+    parser.add_argument("--train-images", type=int, default=4000, help="world images each LoRA trains on")
     parser.add_argument("--n-eval", type=int, default=500, help="captions (and real images) per evaluation set")
     args = parser.parse_args(argv)
-    run_report(args.out, args.seeds, args.max_steps, args.n_eval, args.docs)
+    run_report(args.out, args.seeds, args.max_steps, args.n_eval, args.docs, args.train_images)
 
 
 if __name__ == "__main__":
