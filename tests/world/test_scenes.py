@@ -1,5 +1,7 @@
 """The shapes world: deterministic scenes whose captions say what the pixels show."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -64,8 +66,12 @@ def test_parse_caption_rejects_what_is_not_a_world_caption(caption):
 
 def test_write_folder_writes_pairs_and_keeps_existing_files(tmp_path):
     folder = scenes.write_folder(tmp_path / "w", 5, seed=2)
-    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.{ext}" for i in range(5) for ext in ("png", "txt")]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([f"{i:06d}.{ext}" for i in range(5) for ext in ("png", "txt")] + ["metadata.jsonl"])
     assert (folder / "000003.txt").read_text().strip() == scenes.sample(3, seed=2)[0].caption
     (folder / "000001.png").write_bytes(b"kept")
     scenes.write_folder(folder, 6, seed=2)
     assert (folder / "000001.png").read_bytes() == b"kept" and (folder / "000005.png").is_file()
+    scenes.write_folder(folder, 2, seed=2)  # a smaller run in the same folder reads as 2 pairs
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert rows == [{"file_name": f"{i:06d}.png", "text": scenes.sample(i, seed=2)[0].caption} for i in range(2)]

@@ -6,6 +6,7 @@ and "left of", so the first shape named is always the top (or left) one: every a
 back from the image alone, which is what the evaluator's classifier does.
 """
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,8 @@ def sample(index, seed=0):
 
 
 def write_folder(folder, count, seed=0):
-    """Write images 0..count-1 as NNNNNN.png + NNNNNN.txt (an ordinary training folder); skips existing ones."""
+    """Write images 0..count-1 as NNNNNN.png + NNNNNN.txt (skipping existing ones) and a metadata.jsonl naming
+    exactly those `count` pairs, so a folder left from a larger run still reads as `count` pairs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
@@ -142,4 +144,11 @@ def write_folder(folder, count, seed=0):
         (folder / f"{index:06d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
         image.save(png.with_suffix(".png.tmp"), format="PNG")
         png.with_suffix(".png.tmp").replace(png)
+    rows = [{"file_name": f"{i:06d}.png", "text": sample_caption(folder, i)} for i in range(count)]
+    (folder / "metadata.jsonl.tmp").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    (folder / "metadata.jsonl.tmp").replace(folder / "metadata.jsonl")
     return folder
+
+
+def sample_caption(folder, index):
+    return (Path(folder) / f"{index:06d}.txt").read_text(encoding="utf-8").strip()
