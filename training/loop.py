@@ -24,6 +24,7 @@ from .models import (
     check_teacher_path,
     ema_update,
     load_teacher,
+    tokenize,
     up_block_channels,
 )
 from .step import SCottStep, draw
@@ -157,14 +158,7 @@ def synthetic_dataset(cfg, accelerator, teacher, prompts):
 @torch.no_grad()
 def encode_text(run, captions):
     """CLIP last hidden states [B, 77, D] of the captions (padded to the tokenizer's 77)."""
-    tokenizer = run.teacher.tokenizer
-    ids = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = tokenize(run.teacher.tokenizer, captions)
     return run.teacher.text_encoder(ids.to(run.accelerator.device))[0].float()
 
 

@@ -173,6 +173,13 @@ def load_teacher(path, trust_ckpt=False, dtype=torch.float32):
     return Teacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, path.stem, file_sha256(path))
 
 
+def tokenize(tokenizer, captions):
+    """Token ids [N, 77], padded to the tokenizer's length as StableDiffusionPipeline pads them."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def lora_config(rank, alpha, targets):
     """peft LoraConfig for a UNet adapter (gaussian A, zero B: the adapter starts as the identity)."""
     from peft import LoraConfig

@@ -42,12 +42,12 @@ def is_cached(folder, item):
     return (Path(folder) / f"{item.stem}.png").is_file()
 
 
-def save_pair(folder, item, image):
-    """Write caption then image, each to a temporary name renamed into place, so a kill leaves no half file."""
+def save_pair(folder, stem, text, image):
+    """Write stem.txt then stem.png, each to a temporary name renamed into place, so a kill leaves no half file."""
     folder = Path(folder)
-    caption, png = folder / f"{item.stem}.txt", folder / f"{item.stem}.png"
+    caption, png = folder / f"{stem}.txt", folder / f"{stem}.png"
     tmp_caption, tmp_png = caption.with_suffix(".txt.tmp"), png.with_suffix(".png.tmp")
-    tmp_caption.write_text(item.prompt + "\n", encoding="utf-8")
+    tmp_caption.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp_caption, caption)
     image.save(tmp_png, format="PNG")
     os.replace(tmp_png, png)
@@ -65,7 +65,7 @@ def synthesize(generate, items, folder, batch_size=4, rank=0, show_progress=True
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         for item, image in zip(batch, generate([i.prompt for i in batch], [i.seed for i in batch])):
-            save_pair(folder, item, image)
+            save_pair(folder, item.stem, item.prompt, image)
         bar.update(len(batch))
     bar.close()
     return len(todo)

@@ -31,19 +31,23 @@ def read_prompts(path):
 
 
 @torch.no_grad()
-def sample_latents(unet, cond, steps, alphas_cumprod, latent_shape, gamma=1.0, seed=0):
-    """Student samples (clean latents) for the caption embeddings `cond` in `steps` LCM-grid steps."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn((cond.shape[0], *latent_shape), generator=generator).to(cond.device)
+def consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator):
+    """Clean latents from noise `z` in `steps` LCM-grid steps of the UNet's active LoRA (no CFG)."""
 
     def eps_fn(x, t):
         return unet(x, t.to(x.device), encoder_hidden_states=cond).sample.float()
 
+    denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
+    return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
+
+
+@torch.no_grad()
+def sample_latents(unet, cond, steps, alphas_cumprod, latent_shape, gamma=1.0, seed=0):
+    """Student samples (clean latents) for the caption embeddings `cond` in `steps` LCM-grid steps."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn((cond.shape[0], *latent_shape), generator=generator).to(cond.device)
     with using(unet, STUDENT):
-        denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
-        return sample_scott(
-            denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator
-        )
+        return consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator)
 
 
 @torch.no_grad()

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from scott_core.sampling import consistency_denoiser, sample_scott
-from scott_core.schedule import alphas_cumprod, lcm_timesteps
+from scott_core.schedule import alphas_cumprod
 
 from ..config import demo_teacher
-from ..validation import decode
+from ..models import tokenize
+from ..synth import save_pair
+from ..validation import consistency_sample, decode
 from . import scenes
 
 ARMS = {
@@ -63,16 +64,6 @@ def load_pipeline(lora=None):
     return pipe
 
 
-@torch.no_grad()
-def encode(pipe, captions):
-    """CLIP last hidden states of the captions."""
-    ids = pipe.tokenizer(
-        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids)[0]
-
-
 def initial_noise(count, seed, shape):
     """The starting latents every row shares: one generator per seed."""
     return torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed))
@@ -86,14 +77,9 @@ def student_images(pipe, captions, steps, seed, batch=100):
     noise = initial_noise(len(captions), seed, (pipe.unet.config.in_channels, latent, latent))
     out = []
     for start in range(0, len(captions), batch):
-        cond = encode(pipe, captions[start : start + batch])
-
-        def eps_fn(x, t, cond=cond):
-            return pipe.unet(x, t, encoder_hidden_states=cond).sample
-
+        cond = pipe.text_encoder(tokenize(pipe.tokenizer, captions[start : start + batch]))[0]
         generator = torch.Generator().manual_seed(seed * 7919 + start)
-        z = noise[start : start + batch]
-        x0 = sample_scott(consistency_denoiser(eps_fn, ab), z, lcm_timesteps(steps), ab, gamma=1.0, generator=generator)
+        x0 = consistency_sample(pipe.unet, cond, noise[start : start + batch], steps, ab, 1.0, generator)
         out.append(decode(pipe.vae, x0))
     return torch.cat(out)
 
@@ -118,8 +104,7 @@ def write_set(folder, images, captions):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, caption) in enumerate(zip(images, captions)):
-        Image.fromarray(image.numpy()).save(folder / f"{i:05d}.png")
-        (folder / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
+        save_pair(folder, f"{i:05d}", caption, Image.fromarray(image.numpy()))
     return folder
 
 

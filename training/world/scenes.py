@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..synth import save_pair
+
 SIZE = 64
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle")
@@ -141,9 +143,7 @@ def write_folder(folder, count, seed=0):
         if png.is_file():
             continue
         scene, image = sample(index, seed)
-        (folder / f"{index:06d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
-        image.save(png.with_suffix(".png.tmp"), format="PNG")
-        png.with_suffix(".png.tmp").replace(png)
+        save_pair(folder, f"{index:06d}", scene.caption, image)
     rows = [{"file_name": f"{i:06d}.png", "text": sample_caption(folder, i)} for i in range(count)]
     (folder / "metadata.jsonl.tmp").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     (folder / "metadata.jsonl.tmp").replace(folder / "metadata.jsonl")

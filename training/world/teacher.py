@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from scott_core.schedule import alphas_cumprod
 
-from ..models import ASSETS
+from ..models import ASSETS, load_teacher, tokenize
 from . import scenes
 
 # Sizes of the full teacher and of the seconds-long --quick one (the test's).
@@ -159,13 +159,6 @@ def render_pool(count, seed, processes=2):
 def to_pixels(images):
     """uint8 [N, 3, H, W] -> float in [-1, 1]."""
     return images.float() / 127.5 - 1.0
-
-
-def tokenize(tokenizer, captions):
-    """Token ids [N, 77], padded like StableDiffusionPipeline pads them."""
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def cosine_lr(base, frac, warmup_frac, step, warmup_steps):
@@ -428,8 +421,6 @@ def main(argv=None):
     readme = describe(args, size, models, (vae_phase, unet_phase), latents[2], folder_mb(args.out))
     (Path(args.out) / "README.md").write_text(readme, encoding="utf-8")
     print(readme)
-
-    from ..models import load_teacher
 
     teacher = load_teacher(args.out)
     print(f"reloaded {args.out} with load_teacher: unet {teacher.unet.dtype}, {folder_mb(args.out):.1f} MB")
