@@ -16,7 +16,6 @@ ratios are lower than with a real checkpoint. ComfyUI is found like the tests fi
 """
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -28,35 +27,22 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "nodes"))
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "tests" / "nodes"))  # the ComfyUI harness, fixtures and graphs the tests use
+import comfy_harness  # noqa: E402
+import scott_fixtures  # noqa: E402
 
 
 def setup(checkpoint):
     """ComfyUI in this process with the SCott pack (the tests' harness); returns (comfy, checkpoint path)."""
-    comfy_path = _load("scott_tests_conftest", REPO / "tests" / "conftest.py").find_comfyui()
+    comfy_path = comfy_harness.find_comfyui()
     if comfy_path is None:
         sys.exit("no ComfyUI checkout: set COMFYUI_PATH")
-    sys.path.insert(0, str(comfy_path))
-    from comfy.cli_args import args
-
-    args.cpu = not torch.cuda.is_available()
-    import scott_fixtures
-    import utils.install_util  # noqa: F401
-
-    Comfy = _load("scott_nodes_conftest", REPO / "tests" / "nodes" / "conftest.py").Comfy
-
-    cache = Path(os.environ.get("SCOTT_TEST_CACHE", Path.home() / ".cache" / "comfyui-scott-tests"))
-    paths = scott_fixtures.build_all(cache)
+    comfy_harness.import_comfyui(comfy_path, cpu=not torch.cuda.is_available(), previews=False)
+    paths = scott_fixtures.build_all(comfy_harness.fixture_cache_dir())
     if checkpoint:
         paths["checkpoint"] = Path(checkpoint)
-    return Comfy(comfy_path, paths, Path(tempfile.mkdtemp(prefix="scott-bench-"))), paths["checkpoint"]
+    comfy = comfy_harness.Comfy(paths, Path(tempfile.mkdtemp(prefix="scott-bench-")))
+    return comfy, paths["checkpoint"]
 
 
 def timed(fn):
@@ -72,8 +58,7 @@ def per_step(comfy, checkpoint, size, steps, repeats):
     import comfy.sd
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-    pack = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.sampler"]
-    patch = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.model_sampling"]
+    pack, patch = comfy_harness.Comfy.pack("nodes.sampler"), comfy_harness.Comfy.pack("nodes.model_sampling")
     model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)[:2]
     cond = [[clip.encode_from_tokens(clip.tokenize("a lighthouse at sunset")), {}]]
     latent = torch.zeros(1, 4, size // 8, size // 8)
@@ -156,8 +141,7 @@ def sampler_only(comfy, checkpoint, size, repeats):
     import comfy.samplers
     import comfy.sd
 
-    pack = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.sampler"]
-    patch = sys.modules[str(REPO).replace(".", "_x_") + ".nodes.model_sampling"]
+    pack, patch = comfy_harness.Comfy.pack("nodes.sampler"), comfy_harness.Comfy.pack("nodes.model_sampling")
     model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)[:2]
     pos = [[clip.encode_from_tokens(clip.tokenize("a lighthouse at sunset")), {}]]
     neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]

@@ -1,21 +1,15 @@
 """Shared test fixtures: where ComfyUI is, and where slow-built fixtures are cached (outside the repo)."""
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def find_comfyui():
-    """COMFYUI_PATH, else ~/comfy/ComfyUI (comfy-cli's workspace), else a ComfyUI checkout above the repo."""
-    candidates = [os.environ.get("COMFYUI_PATH"), Path.home() / "comfy" / "ComfyUI", *REPO.parents]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "comfy" / "model_sampling.py").is_file():
-            return Path(candidate)
-    return None
+# tests/nodes holds the ComfyUI harness the tests and benchmarks share (plain modules, no packages to shadow).
+if str(REPO / "tests" / "nodes") not in sys.path:
+    sys.path.append(str(REPO / "tests" / "nodes"))
+from comfy_harness import find_comfyui, fixture_cache_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +17,7 @@ def comfyui_path():
     """The ComfyUI checkout, on sys.path; skips the test with a one-line reason where there is none."""
     path = find_comfyui()
     if path is None:
-        pytest.skip("no ComfyUI checkout: set COMFYUI_PATH or export ComfyUI to ~/comfy/ComfyUI")
+        pytest.skip("no ComfyUI checkout: set COMFYUI_PATH or install one with comfy-cli (see README, Test)")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     return path
@@ -32,6 +26,4 @@ def comfyui_path():
 @pytest.fixture(scope="session")
 def cache_dir():
     """Where tests cache slow-built fixtures: $SCOTT_TEST_CACHE, default ~/.cache/comfyui-scott-tests."""
-    path = Path(os.environ.get("SCOTT_TEST_CACHE", Path.home() / ".cache" / "comfyui-scott-tests"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return fixture_cache_dir()

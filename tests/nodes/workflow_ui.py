@@ -1,6 +1,6 @@
 """API-format <-> UI-format (litegraph) workflows, from ComfyUI's own node definitions.
 
-`python tests/nodes/workflow_ui.py` (with ComfyUI importable: COMFYUI_PATH or ~/comfy/ComfyUI) writes
+`python tests/nodes/workflow_ui.py` (with a ComfyUI checkout where the tests find one) writes
 workflows/<name>.json from workflows/api/<name>.json; the tests convert each UI file back and compare."""
 
 import json
@@ -131,17 +131,10 @@ def ui_to_api(ui, classes):
 
 def main():
     sys.path.insert(0, str(Path(__file__).parent))
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import find_comfyui
+    from comfy_harness import find_comfyui, import_comfyui
 
-    comfy_path = find_comfyui()
-    sys.path.insert(0, str(comfy_path))
-    from comfy.cli_args import args
-
-    args.cpu = True
+    import_comfyui(find_comfyui())
     import asyncio
-
-    import utils.install_util  # noqa: F401
 
     import nodes
 
