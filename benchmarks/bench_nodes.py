@@ -67,7 +67,7 @@ def per_step(comfy, checkpoint, size, steps, repeats):
     runs = {
         "SCott Sampler": (
             patch.patch_model_sampling(model),
-            comfy.samplers.KSAMPLER(pack.sample_scott, {"gamma": 1.0}),
+            pack.scott_sampler(1.0),
         ),
         "core lcm": (
             ModelSamplingDiscrete().patch(model, "lcm", False)[0],
@@ -153,7 +153,7 @@ def sampler_only(comfy, checkpoint, size, repeats):
             patch.patch_model_sampling(model),
             noise,
             1.0,
-            comfy.samplers.KSAMPLER(pack.sample_scott, {"gamma": 1.0}),
+            pack.scott_sampler(1.0),
             pack.scott_sigmas(2, 1.0),
             pos,
             neg,

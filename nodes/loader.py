@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..scott_core import lora_format
-from .model_sampling import CATEGORY, model_family, patch_model_sampling
+from .model_sampling import CATEGORY, attach_lora_settings, model_family, patch_model_sampling
 
 
 class ScottLoraLoader(io.ComfyNode):
@@ -20,7 +20,8 @@ class ScottLoraLoader(io.ComfyNode):
             description=(
                 "Loads a consistency LoRA (SCott, LCM-LoRA, TCD, Hyper-SD; kohya, diffusers or peft keys) "
                 "onto an SD1.5-family model and switches the model to the consistency boundary condition. "
-                "Fails loudly on keys that match nothing instead of dropping them."
+                "Its scott.steps / scott.cfg / scott.gamma metadata become the samplers' \"from the LoRA\" "
+                "values. Fails loudly on keys that match nothing instead of dropping them."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5-family checkpoint's MODEL."),
@@ -71,11 +72,11 @@ class ScottLoraLoader(io.ComfyNode):
             raise lora_format.LoraFormatError(
                 f"{len(missing)} LoRA patches were not applied, e.g. {missing[:3]}"
             )
-        defaults = lora_format.sampling_defaults(metadata)
+        settings = lora_format.sampling_defaults(metadata)
         logging.info(
-            f"SCott LoRA Loader: {lora_name}: {len(patches)} layers patched; recommended {defaults or 'n/a'}"
+            f"SCott LoRA Loader: {lora_name}: {len(patches)} layers patched; metadata settings {settings or 'none'}"
         )
-        return io.NodeOutput(patch_model_sampling(new_model, defaults), new_clip)
+        return io.NodeOutput(attach_lora_settings(patch_model_sampling(new_model), settings), new_clip)
 
 
 def check_families(lora_name, lora_family, model_family_name):

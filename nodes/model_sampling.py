@@ -1,4 +1,5 @@
-"""The consistency boundary condition as a ComfyUI model-sampling object, patched onto a model clone."""
+"""What SCott LoRA Loader leaves on a model for the samplers: the consistency boundary condition as a ComfyUI
+model-sampling object (patched onto a clone) and the LoRA's recommended settings as a model option."""
 
 import comfy.model_sampling
 
@@ -6,14 +7,14 @@ from ..scott_core.consistency import consistency_function
 from ..scott_core.lora_format import LoraFormatError
 
 CATEGORY = "sampling/scott"
+# model_options key (ModelPatcher.model_options, copied to every clone and handed to sampler functions in
+# extra_args["model_options"]): the LoRA's metadata settings {"steps", "gamma", "cfg"}, those present.
+LORA_SETTINGS = "scott_lora_settings"
 
 
 class ScottModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
     """SD1.5 discrete eps sampling whose denoised output is f(z, t) = c_skip z + c_out x0 (as core "lcm"),
-    with t the nearest integer timestep and z = x / sqrt(1 + sigma^2) the VP latent; carries the LoRA's
-    recommended sampling settings (metadata) in `scott_defaults`."""
-
-    scott_defaults = {}
+    with t the nearest integer timestep and z = x / sqrt(1 + sigma^2) the VP latent."""
 
     def calculate_denoised(self, sigma, model_output, model_input):
         x0 = super().calculate_denoised(sigma, model_output, model_input)
@@ -47,15 +48,19 @@ def is_patched(model):
     return isinstance(model.get_model_object("model_sampling"), ScottModelSampling)
 
 
-def patch_model_sampling(model, defaults=None):
+def patch_model_sampling(model):
     """A clone of `model` whose model_sampling applies the consistency boundary condition."""
     clone = model.clone()
-    sampling = ScottModelSampling(model.model.model_config)
-    sampling.scott_defaults = dict(defaults or {})
-    clone.add_object_patch("model_sampling", sampling)
+    clone.add_object_patch("model_sampling", ScottModelSampling(model.model.model_config))
     return clone
 
 
-def lora_defaults(model):
-    """The LoRA's recommended {"steps", "gamma", "cfg"} a SCott LoRA Loader recorded on this model, or {}."""
-    return dict(getattr(model.get_model_object("model_sampling"), "scott_defaults", {}))
+def attach_lora_settings(model, settings):
+    """Record the LoRA's metadata settings on `model` (a clone the caller owns) for the samplers to read."""
+    model.model_options[LORA_SETTINGS] = dict(settings)
+    return model
+
+
+def lora_settings(model_options):
+    """The LoRA settings a SCott LoRA Loader attached ({} for any other model), from a model's model_options."""
+    return dict((model_options or {}).get(LORA_SETTINGS, {}))

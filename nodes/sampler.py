@@ -1,5 +1,7 @@
 """SCott Sampler (SAMPLER), SCott Scheduler (SIGMAS) and SCott KSampler (the one-node path)."""
 
+import logging
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -8,21 +10,63 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..scott_core import sampling, schedule
-from .model_sampling import CATEGORY, check_sd15, is_patched, patch_model_sampling
+from ..scott_core.lora_format import LoraFormatError
+from .model_sampling import CATEGORY, check_sd15, is_patched, lora_settings, patch_model_sampling
 
+MAX_STEPS = 16
+MAX_CFG = 30.0
+# What a setting left on "from the LoRA" becomes when the LoRA's metadata lacks it (LCM-LoRA, TCD, Hyper-SD, a LoRA
+# loaded by another loader): the consistency-model defaults.
+FALLBACK = {"steps": 2, "cfg": 1.0, "gamma": 1.0}
+VALID = {
+    "steps": (lambda v: v == int(v) and 1 <= v <= MAX_STEPS, f"an integer in 1..{MAX_STEPS}"),
+    "cfg": (lambda v: 0 < v <= MAX_CFG, f"in (0, {MAX_CFG:g}]"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 GAMMA_TOOLTIP = (
     "Re-noise strength between steps, 0..1: 1 = full re-noise (the SCott paper's and LCM's sampler), 0 = "
-    "deterministic, between = TCD's gamma. -1 = the LoRA's recommended value (its metadata), else 1.0."
+    "deterministic, between = TCD's gamma. -1 = from the LoRA: its scott.gamma metadata, else 1.0."
 )
-MAX_STEPS = 16
+
+
+def from_lora(name, value):
+    """Whether a widget value means "from the LoRA": gamma below 0, steps or cfg 0."""
+    return value < 0 if name == "gamma" else value <= 0
+
+
+def resolve_settings(settings, model_options):
+    """({name: value to sample with}, {name: where it came from}): a setting left on "from the LoRA" takes the
+    LoRA's metadata (attached to the model by SCott LoRA Loader), else FALLBACK; others stay as set."""
+    lora = lora_settings(model_options)
+    values, sources = {}, {}
+    for name, value in settings.items():
+        if not from_lora(name, value):
+            values[name], sources[name] = value, "as set"
+        elif name in lora:
+            check, valid = VALID[name]
+            if not check(lora[name]):
+                raise LoraFormatError(
+                    f"the LoRA's scott.{name}={lora[name]} is not {valid}: set {name} on the sampler instead"
+                )
+            values[name], sources[name] = type(FALLBACK[name])(lora[name]), "from the LoRA"
+        else:
+            values[name], sources[name] = FALLBACK[name], f"fallback: no scott.{name} metadata"
+    return values, sources
+
+
+def log_settings(node, values, sources):
+    """One line in ComfyUI's log with the settings a sampling actually uses and where each came from."""
+    used = ", ".join(f"{name} {values[name]:g} ({sources[name]})" for name in values)
+    logging.info(f"{node}: {used}")
 
 
 def sample_scott(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=-1.0):
-    """KSAMPLER function: scott_core.sampling.sample_scott_k, gamma -1 resolved from the LoRA's metadata,
-    Cancel checked after every step."""
-    if gamma < 0:  # the patched model sampling carries the LoRA's metadata defaults
-        defaults = getattr(model.inner_model.inner_model.model_sampling, "scott_defaults", {})
-        gamma = defaults.get("gamma", 1.0)
+    """KSAMPLER function: scott_core.sampling.sample_scott_k, gamma -1 resolved from the LoRA's settings (a
+    model option, in extra_args["model_options"]), Cancel checked after every step."""
+    if from_lora("gamma", gamma):
+        values, sources = resolve_settings({"gamma": gamma}, (extra_args or {}).get("model_options"))
+        log_settings("SCott Sampler", values, sources)
+        gamma = values["gamma"]
 
     def step_callback(info):
         if callback is not None:
@@ -30,6 +74,11 @@ def sample_scott(model, x, sigmas, extra_args=None, callback=None, disable=None,
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     return sampling.sample_scott_k(model, x, sigmas, extra_args, step_callback, disable, gamma=gamma)
+
+
+def scott_sampler(gamma):
+    """The SAMPLER both nodes hand to ComfyUI: sample_scott with this gamma (-1 = from the LoRA)."""
+    return comfy.samplers.KSAMPLER(sample_scott, extra_options={"gamma": gamma})
 
 
 def scott_sigmas(steps, denoise, timesteps=""):
@@ -45,13 +94,16 @@ def gamma_input():
     return io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01, tooltip=GAMMA_TOOLTIP)
 
 
-def steps_input():
+def steps_input(from_lora_allowed=False):
+    tooltip = "Consistency steps, 1..16; 2-4 is what consistency LoRAs are for (the paper: 1, 2, 4)."
+    if from_lora_allowed:
+        tooltip += " 0 = from the LoRA: its scott.steps metadata, else 2."
     return io.Int.Input(
         "steps",
-        default=2,
-        min=1,
+        default=0 if from_lora_allowed else 2,
+        min=0 if from_lora_allowed else 1,
         max=MAX_STEPS,
-        tooltip="Consistency steps, 1..16; 2-4 is what consistency LoRAs are for (the paper: 1, 2, 4).",
+        tooltip=tooltip,
     )
 
 
@@ -82,7 +134,7 @@ class ScottSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_scott, extra_options={"gamma": gamma}))
+        return io.NodeOutput(scott_sampler(gamma))
 
 
 class ScottScheduler(io.ComfyNode):
@@ -122,9 +174,10 @@ class ScottKSampler(io.ComfyNode):
             node_id="ScottKSampler",
             display_name="SCott KSampler",
             category=CATEGORY,
-            description="One node: SCott sampler + LCM timestep schedule at consistency-model defaults "
-            "(2 steps, "
-            "cfg 1). Applies the consistency boundary condition if the model does not have it yet.",
+            description="One node: SCott sampler + LCM timestep schedule. Steps, cfg and gamma default to "
+            "\"from the LoRA\" (0, 0, -1): the scott.steps / scott.cfg / scott.gamma metadata SCott LoRA Loader "
+            "read, else 2 steps, cfg 1.0, gamma 1.0; the values used are logged. Applies the consistency "
+            "boundary condition if the model does not have it yet.",
             inputs=[
                 io.Model.Input(
                     "model", tooltip="A model from SCott LoRA Loader (or any SD1.5 consistency model)."
@@ -137,16 +190,16 @@ class ScottKSampler(io.ComfyNode):
                     control_after_generate=True,
                     tooltip="Seed of the start noise and of every re-noise.",
                 ),
-                steps_input(),
+                steps_input(from_lora_allowed=True),
                 io.Float.Input(
                     "cfg",
-                    default=1.0,
+                    default=0.0,
                     min=0.0,
-                    max=30.0,
+                    max=MAX_CFG,
                     step=0.1,
                     round=0.01,
                     tooltip="Classifier-free guidance; consistency LoRAs want 1.0 (negative prompt unused, "
-                    "fastest) to 2.0. Higher burns the image.",
+                    "fastest) to 2.0. Higher burns the image. 0 = from the LoRA: its scott.cfg metadata, else 1.0.",
                 ),
                 gamma_input(),
                 io.Conditioning.Input("positive"),
@@ -162,7 +215,9 @@ class ScottKSampler(io.ComfyNode):
         cls, model, seed, steps, cfg, gamma, positive, negative, latent_image, denoise
     ) -> io.NodeOutput:
         check_sd15(model, "SCott KSampler")
-        sigmas = scott_sigmas(steps, denoise)
+        used, sources = resolve_settings({"steps": steps, "cfg": cfg, "gamma": gamma}, model.model_options)
+        sigmas = scott_sigmas(used["steps"], denoise)
+        log_settings("SCott KSampler", used, sources)
         if not is_patched(model):
             model = patch_model_sampling(model)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
@@ -171,8 +226,8 @@ class ScottKSampler(io.ComfyNode):
         samples = comfy.sample.sample_custom(
             model,
             noise,
-            cfg,
-            comfy.samplers.KSAMPLER(sample_scott, extra_options={"gamma": gamma}),
+            used["cfg"],
+            scott_sampler(used["gamma"]),
             sigmas,
             positive,
             negative,

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 VERSION = "v2"
 SD15_UNET = {
@@ -69,6 +69,13 @@ LORA_UNET_SUFFIXES = (
 )
 LORA_TE_PATHS = [f"text_model.encoder.layers.{i}.self_attn.{p}_proj" for i in (0, 11) for p in ("q", "v")]
 SEED = 20240303
+# The kohya LoRA's tensors again, with other sampling metadata: "meta4" recommends 4 steps at cfg 1.5, "bare" has
+# none (as LCM-LoRA, TCD or Hyper-SD files), "badsteps" more steps than the sampler takes.
+METADATA_VARIANTS = {
+    "meta4": {"scott.steps": "4", "scott.cfg": "1.5", "scott.gamma": "0.3"},
+    "bare": {},
+    "badsteps": {"scott.steps": "40"},
+}
 
 
 def build_all(cache_dir):
@@ -87,12 +94,16 @@ def build_all(cache_dir):
         "lora_pickle": root / "loras" / "scott_test_pickle.safetensors",
         "lora_truncated": root / "loras" / "scott_test_truncated.safetensors",
     }
+    variants = {f"lora_{name}": root / "loras" / f"scott_test_lora_{name}.safetensors" for name in METADATA_VARIANTS}
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / ".lock"):
         if not all(p.exists() for p in paths.values()):
             _build(paths)
-    return {k: Path(v) for k, v in paths.items()}
+        for name, metadata in METADATA_VARIANTS.items():
+            if not variants[f"lora_{name}"].exists():
+                _atomic_save(load_file(str(paths["lora_kohya"])), variants[f"lora_{name}"], metadata or None)
+    return {k: Path(v) for k, v in {**paths, **variants}.items()}
 
 
 @contextlib.contextmanager

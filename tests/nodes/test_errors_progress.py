@@ -108,7 +108,7 @@ def test_bad_schedules_are_explained(comfy, fixture_paths, change, expected):
     assert_next_prompt_succeeds(comfy, fixture_paths)
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("steps", 17), ("gamma", 1.5), ("cfg", -1.0)])
+@pytest.mark.parametrize("field, value", [("steps", -1), ("steps", 17), ("gamma", 1.5), ("cfg", -1.0), ("cfg", 31.0)])
 def test_out_of_range_widgets_fail_validation_naming_the_input(comfy, fixture_paths, field, value):
     prompt, model, _ = good_base(fixture_paths)
     ksampler(prompt, "range", model, empty_latent(prompt), seed=next(_seeds))
