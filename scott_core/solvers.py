@@ -1,13 +1,14 @@
-"""Teacher solvers from t_n to t_m: DDIM(eta), first-order ER-SDE(phi), multi-step solve, CFG."""
+"""Teacher solvers from t_n to t_m: a registry of one-step functions (DDIM(eta), first-order ER-SDE(phi)), each
+with its own knobs, the multi-step solve, CFG."""
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from .consistency import _per_sample, x0_from_eps
 from .schedule import alpha_sigma
-
-SOLVERS = ("ddim", "ode", "sde", "er_sde_5", "noise_strength")
 
 
 def default_noise_sampler(x, generator=None, seed=None):
@@ -24,25 +25,27 @@ def cfg_combine(eps_cond, eps_uncond, w):
     return (1 + w) * eps_cond - w * eps_uncond
 
 
+def phi_ode(x):
+    """The probability-flow ODE's noise scale phi(x) = x (no noise; equals DDIM eta 0)."""
+    return x
+
+
+def phi_sde(x):
+    """The full reverse SDE's noise scale phi(x) = x^2 (first-order SDE-DPM-Solver++)."""
+    return x**2
+
+
 def phi_er_sde_5(x):
     """ER-SDE 5's noise scale phi(x) = x * (exp(x^0.3) + 10)."""
     return x * (torch.exp(x**0.3) + 10)
 
 
-def noise_scale_function(solver, noise_strength=0.0):
-    """phi for an ER-SDE solver: ode x, sde x^2, er_sde_5, noise_strength x^(1 + noise_strength^2)."""
-    if solver == "ode":
-        return lambda x: x
-    if solver == "sde":
-        return lambda x: x**2
-    if solver == "er_sde_5":
-        return phi_er_sde_5
-    if solver == "noise_strength":
-        return lambda x: x ** (1 + noise_strength**2)
-    raise ValueError(f"solver {solver!r} has no noise-scale function; choose one of {SOLVERS[1:]}")
+def phi_noise_strength(x, noise_strength=0.0):
+    """The family joining them: phi(x) = x^(1 + noise_strength^2); 0 = the ODE, 1 = the full reverse SDE."""
+    return x ** (1 + noise_strength**2)
 
 
-def ddim_step(z, x0, eps, alpha_s, sigma_s, alpha_s2, sigma_s2, eta, noise=None):
+def ddim_step(z, x0, eps, alpha_s, sigma_s, alpha_s2, sigma_s2, noise=None, eta=0.0):
     """DDIM(eta): z' = alpha_s2 x0 + sqrt(1 - ab_s2 - var) eps + sqrt(var) noise,
     var = eta^2 (1 - ab_s2) / (1 - ab_s) (1 - ab_s / ab_s2)."""
     var = eta**2 * (sigma_s2 / sigma_s) ** 2 * (1 - (alpha_s / alpha_s2) ** 2)
@@ -61,44 +64,98 @@ def er_sde_step(z, x0, alpha_s, sigma_s, alpha_s2, sigma_s2, phi, noise=None):
     return z_next + alpha_s2 * (lam_s2**2 - lam_s**2 * r**2).clamp(min=0).sqrt() * noise
 
 
-def solver_step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise=None, noise_strength=0.0):
-    """One teacher step s -> s2 (timesteps, scalars or [B]) from the (guided) eps at s."""
-    alpha_s, sigma_s, alpha_s2, sigma_s2 = (
-        _per_sample(v, z) for v in (*alpha_sigma(t_s, alphas_cumprod), *alpha_sigma(t_s2, alphas_cumprod))
-    )
-    x0 = x0_from_eps(z, eps, alpha_s, sigma_s)
-    if solver == "ddim":
-        return ddim_step(z, x0, eps, alpha_s, sigma_s, alpha_s2, sigma_s2, noise_strength, noise)
-    return er_sde_step(z, x0, alpha_s, sigma_s, alpha_s2, sigma_s2, noise_scale_function(solver, noise_strength), noise)
+def er_sde(phi):
+    """The registry's step for ER-SDE with noise scale phi(x, **knobs), in ddim_step's signature."""
+
+    def step(z, x0, eps, alpha_s, sigma_s, alpha_s2, sigma_s2, noise=None, **knobs):
+        return er_sde_step(z, x0, alpha_s, sigma_s, alpha_s2, sigma_s2, lambda x: phi(x, **knobs), noise)
+
+    return step
 
 
-def is_deterministic(solver, noise_strength=0.0):
+@dataclass(frozen=True)
+class SolverSpec:
+    """A teacher solver: its step (ddim_step's signature, plus its knobs) and its knobs, name -> default."""
+
+    step: Callable
+    knobs: dict = field(default_factory=dict)
+    stochastic: bool = True  # False: never draws noise; True: draws it unless all its knobs are 0
+
+
+SOLVERS = {
+    "ddim": SolverSpec(ddim_step, {"eta": 0.0}),
+    "ode": SolverSpec(er_sde(phi_ode), stochastic=False),
+    "sde": SolverSpec(er_sde(phi_sde)),
+    "er_sde_5": SolverSpec(er_sde(phi_er_sde_5)),
+    "noise_strength": SolverSpec(er_sde(phi_noise_strength), {"noise_strength": 0.0}),
+}
+KNOBS = tuple(dict.fromkeys(k for spec in SOLVERS.values() for k in spec.knobs))  # ("eta", "noise_strength")
+
+
+def knob_owners(knob):
+    """The solvers that take `knob`."""
+    return [name for name, spec in SOLVERS.items() if knob in spec.knobs]
+
+
+def solver_knobs(solver, **given):
+    """The knobs `solver` runs with (its defaults, then the given non-None values); ValueError naming a bad one."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
+    knobs = dict(SOLVERS[solver].knobs)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in knobs:
+            takes = f"it takes {', '.join(knobs)}" if knobs else "it takes no knob"
+            owners = f" ({name} is for solver {' / '.join(knob_owners(name))})" if knob_owners(name) else ""
+            raise ValueError(f"solver {solver} takes no {name}; {takes}{owners}")
+        if isinstance(value, bool) or not (0 <= value and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        knobs[name] = value
+    return knobs
+
+
+def is_deterministic(solver, **knobs):
     """True where the solver draws no noise: the ODE, DDIM with eta 0, the family at strength 0."""
-    return solver == "ode" or (solver in ("ddim", "noise_strength") and noise_strength == 0)
+    spec = SOLVERS[solver]
+    return not spec.stochastic or (bool(spec.knobs) and all(v == 0 for v in solver_knobs(solver, **knobs).values()))
+
+
+def _step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise, knobs):
+    """One registered step s -> s2 with already-checked knobs."""
+    coefs = [_per_sample(v, z) for v in (*alpha_sigma(t_s, alphas_cumprod), *alpha_sigma(t_s2, alphas_cumprod))]
+    x0 = x0_from_eps(z, eps, coefs[0], coefs[1])
+    return SOLVERS[solver].step(z, x0, eps, *coefs, noise, **knobs)
+
+
+def solver_step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise=None, *, eta=None, noise_strength=None):
+    """One teacher step s -> s2 (timesteps, scalars or [B]) from the (guided) eps at s; knobs as in `solve`."""
+    knobs = solver_knobs(solver, eta=eta, noise_strength=noise_strength)
+    return _step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise, knobs)
 
 
 def solve(
-    eps_fn, z, t_n, t_m, alphas_cumprod, solver="er_sde_5", sub_steps=3, noise_strength=0.0,
+    eps_fn, z, t_n, t_m, alphas_cumprod, solver="er_sde_5", sub_steps=3, *, eta=None, noise_strength=None,
     generator=None, noise_sampler=None,
 ):
-    """Teacher solve t_n -> t_m in `sub_steps` equal sub-steps, fresh noise each; eps_fn(z, t[B]) -> eps."""
-    check_solver(solver, sub_steps, noise_strength)
+    """Teacher solve t_n -> t_m in `sub_steps` equal sub-steps, fresh noise each; eps_fn(z, t[B]) -> eps.
+    `eta` is DDIM's (solver "ddim"), `noise_strength` the family's (solver "noise_strength"); None = the
+    solver's default (0); a knob the solver does not take is a ValueError."""
+    knobs = check_solver(solver, sub_steps, eta=eta, noise_strength=noise_strength)
     t_n, t_m = (torch.as_tensor(t).to("cpu", torch.float64).expand(z.shape[0]) for t in (t_n, t_m))
-    if noise_sampler is None and not is_deterministic(solver, noise_strength):
+    if noise_sampler is None and not is_deterministic(solver, **knobs):
         noise_sampler = default_noise_sampler(z, generator)
     for k in range(sub_steps):
         s, s2 = t_n + (t_m - t_n) * (k / sub_steps), t_n + (t_m - t_n) * ((k + 1) / sub_steps)
         noise = None if noise_sampler is None else noise_sampler(s, s2)
         eps = eps_fn(z, s.to(z.device, torch.float32))
-        z = solver_step(solver, z, eps, s, s2, alphas_cumprod, noise, noise_strength)
+        z = _step(solver, z, eps, s, s2, alphas_cumprod, noise, knobs)
     return z
 
 
-def check_solver(solver, sub_steps, noise_strength):
-    """Validate a solver name, sub-step count and noise strength, naming the allowed values."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
+def check_solver(solver, sub_steps, **knobs):
+    """Validate a solver name, sub-step count and knobs, naming the allowed values; returns the knobs it runs with."""
+    knobs = solver_knobs(solver, **knobs)
     if isinstance(sub_steps, bool) or int(sub_steps) != sub_steps or sub_steps < 1:
         raise ValueError(f"sub_steps must be an integer >= 1, got {sub_steps!r}")
-    if not (0 <= noise_strength and math.isfinite(noise_strength)):
-        raise ValueError(f"noise_strength must be a finite number >= 0, got {noise_strength!r}")
+    return knobs

@@ -8,16 +8,16 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scott_core.solvers import SOLVERS
+from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
 MODES = ("scott", "lcm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
-# What each mode means for the fields left unset (None): SCott (METHOD.md 2-4), vanilla CD (LCM).
+# What each mode means for the fields left unset (None): SCott (METHOD.md 2-4), vanilla CD (LCM). Neither mode's
+# solver takes a knob (--eta is DDIM's, --noise-strength the noise_strength family's), so none is set here.
 MODE_DEFAULTS = {
     "scott": {
         "solver": "er_sde_5",
-        "noise_strength": 0.3,
         "sub_steps": 3,
         "span": 24,
         "grid_spacing": 8,
@@ -25,7 +25,6 @@ MODE_DEFAULTS = {
     },
     "lcm": {
         "solver": "ode",
-        "noise_strength": 0.0,
         "sub_steps": 1,
         "span": 20,
         "grid_spacing": 20,
@@ -103,12 +102,18 @@ class DistillConfig:
         choices=MODES,
     )
     solver: str = _opt(
-        None, "teacher solver from t_n to t_m; default er_sde_5 (scott), ode (lcm)", choices=SOLVERS
+        None,
+        "teacher solver from t_n to t_m: ddim takes --eta, noise_strength takes --noise-strength, ode, sde and "
+        "er_sde_5 take no knob (giving a solver a knob it does not take is an error)",
+        choices=SOLVERS,
+    )
+    eta: float = _opt(
+        None, "DDIM's eta, the teacher's noise for --solver ddim only: 0 = deterministic DDIM, 1 = DDPM-like"
     )
     noise_strength: float = _opt(
         None,
-        "teacher noise: DDIM's eta for --solver ddim, the exponent knob "
-        "phi(x)=x^(1+s^2) for --solver noise_strength; default 0.3 (scott), 0 (lcm)",
+        "the teacher's noise for --solver noise_strength only: s in phi(x)=x^(1+s^2), 0 = the ODE, 1 = the "
+        "full reverse SDE",
     )
     sub_steps: int = _opt(None, "teacher sub-steps h from t_n to t_m; default 3 (scott), 1 (lcm)")
     span: int = _opt(None, "skip K in timesteps: t_m = max(t_n - K, 0); default 24 (scott), 20 (lcm)")
@@ -174,6 +179,10 @@ class DistillConfig:
         for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
+        self.check_solver_knobs(values["solver"])
+        for knob, value in SOLVERS[values["solver"]].knobs.items():
+            if values[knob] is None:
+                values[knob] = value
         if values["lora_alpha"] is None:
             values["lora_alpha"] = float(values["lora_rank"])
         if values["name"] is None:
@@ -208,13 +217,32 @@ class DistillConfig:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.caption_dropout <= 1:
             raise UserError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.adv_weight < 0 or self.noise_strength < 0:
-            raise UserError("--adv-weight and --noise-strength must be >= 0")
+        if self.adv_weight < 0:
+            raise UserError(f"--adv-weight must be >= 0, got {self.adv_weight}")
+        self.check_solver_knobs(self.solver)
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.span >= 1000:
             raise UserError(f"--span must be below 1000, got {self.span}")
         self.validation_step_counts()
+
+    def check_solver_knobs(self, solver):
+        """A knob `solver` does not take is a UserError naming the solver and the knob it does take."""
+        if solver not in SOLVERS:
+            raise UserError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        takes = [_flag(k) for k in SOLVERS[solver].knobs]
+        by_mode = solver == MODE_DEFAULTS.get(self.mode, {}).get("solver")
+        named = f"--solver {solver}" + (f" (the default of --mode {self.mode})" if by_mode else "")
+        for knob in KNOBS:
+            value, flag = getattr(self, knob), _flag(knob)
+            if value is None:
+                continue
+            if knob not in SOLVERS[solver].knobs:
+                its = "it takes " + ", ".join(takes) if takes else "it takes no knob"
+                owner = " / ".join(knob_owners(knob))
+                raise UserError(f"{named} takes no {flag} ({its}): drop {flag}, or use --solver {owner}")
+            if not 0 <= value < float("inf"):
+                raise UserError(f"{flag} must be a finite number >= 0, got {value}")
 
     def validation_step_counts(self):
         """'1,2,4' -> [1, 2, 4]."""
@@ -250,6 +278,10 @@ def _base_type(annotation):
     return annotation
 
 
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def _metavar(name, kind):
     if name == "data":
         return "PATH|prompts:FILE|world:N"
@@ -263,6 +295,8 @@ def _default_text(f):
         return " (required)"
     if f.default is None and f.name == "data":
         return " (default: the built-in prompt list, data-free)"
+    if f.name in KNOBS:
+        return f" (default: 0 with --solver {' / '.join(knob_owners(f.name))}; unset otherwise)"
     if f.name in MODE_DEFAULTS["scott"]:
         return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
     return f" (default: {f.default})"

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from scott_core import lora_format
+from scott_core.solvers import SOLVERS
 
 from .models import STUDENT
 
@@ -26,7 +27,7 @@ def to_kohya(peft_sd, alpha):
 
 
 def metadata(cfg, teacher_name, teacher_sha256):
-    """String metadata: what the LoRA is, which base it was distilled from, and how to sample it."""
+    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob), how to sample."""
     values = {
         "scott.format": "1",
         "scott.base_model": teacher_name,
@@ -34,7 +35,7 @@ def metadata(cfg, teacher_name, teacher_sha256):
         "scott.resolution": cfg.resolution,
         "scott.mode": cfg.mode,
         "scott.solver": cfg.solver,
-        "scott.noise_strength": cfg.noise_strength,
+        **{f"scott.{knob}": getattr(cfg, knob) for knob in SOLVERS[cfg.solver].knobs},  # only the knob it used
         "scott.sub_steps": cfg.sub_steps,
         "scott.adv_weight": cfg.adv_weight,
         "ss_network_module": "networks.lora",

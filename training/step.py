@@ -103,6 +103,7 @@ class SCottStep(nn.Module):
                     ab,
                     solver=cfg.solver,
                     sub_steps=cfg.sub_steps,
+                    eta=cfg.eta,
                     noise_strength=cfg.noise_strength,
                     generator=draws.generator,
                 )

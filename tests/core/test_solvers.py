@@ -22,7 +22,7 @@ def test_ddim_step_equals_diffusers(eta, t):
     scheduler.set_timesteps(50)
     z, eps, noise = _latents(0, 2, 4, 8, 8), _latents(1, 2, 4, 8, 8), _latents(2, 2, 4, 8, 8)
     reference = scheduler.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
-    ours = solvers.solver_step("ddim", z, eps, t, t - 20, AB, noise, noise_strength=eta)
+    ours = solvers.solver_step("ddim", z, eps, t, t - 20, AB, noise, eta=eta)
     assert (ours - reference).abs().max() < 1e-5
 
 
@@ -30,7 +30,7 @@ def test_ddim_step_equals_diffusers(eta, t):
 def test_er_sde_ode_equals_ddim_eta_zero(t):
     z, eps = _latents(0, 2, 4, 8, 8).double(), _latents(1, 2, 4, 8, 8).double()
     ode = solvers.solver_step("ode", z, eps, t, t - 24, AB)
-    ddim = solvers.solver_step("ddim", z, eps, t, t - 24, AB, noise_strength=0.0)
+    ddim = solvers.solver_step("ddim", z, eps, t, t - 24, AB, eta=0.0)
     assert (ode - ddim).abs().max() < 1e-12
 
 
@@ -62,8 +62,8 @@ def test_cfg_combine_is_lcm_form_per_sample():
 MIXTURE = GaussianMixture.ring(modes=6, radius=1.2, std=0.25)
 N = 8192
 FAMILIES = [
-    ("ddim", 0.0), ("ddim", 0.3), ("ddim", 1.0), ("ode", 0.0), ("sde", 0.0), ("er_sde_5", 0.0),
-    ("noise_strength", 0.3), ("noise_strength", 1.0),
+    ("ddim", dict(eta=0.0)), ("ddim", dict(eta=0.3)), ("ddim", dict(eta=1.0)), ("ode", {}), ("sde", {}),
+    ("er_sde_5", {}), ("noise_strength", dict(noise_strength=0.3)), ("noise_strength", dict(noise_strength=1.0)),
 ]
 SPANS = [(999, 975), (263, 239), (71, 47)]
 
@@ -84,13 +84,12 @@ def _sliced_w2(a, b, projections=64, seed=0):
     return ((pa - pb) ** 2).mean().sqrt()
 
 
-def _solve_from_exact(t_n, t_m, solver, noise_strength, seed, noise_scale=1.0):
+def _solve_from_exact(t_n, t_m, solver, knobs, seed, noise_scale=1.0):
     generator = torch.Generator().manual_seed(seed)
     z_n = _marginal(t_n).sample(N, generator)
     noise_sampler = lambda s, s2: noise_scale * torch.randn(N, 2, generator=generator, dtype=torch.float64)  # noqa: E731
     return solvers.solve(
-        _exact_eps, z_n, t_n, t_m, AB, solver=solver, sub_steps=3, noise_strength=noise_strength,
-        noise_sampler=noise_sampler,
+        _exact_eps, z_n, t_n, t_m, AB, solver=solver, sub_steps=3, noise_sampler=noise_sampler, **knobs
     )
 
 
@@ -113,14 +112,14 @@ def _assert_matches_marginal(samples, target, seed):
 
 
 @pytest.mark.parametrize("t_n, t_m", SPANS)
-@pytest.mark.parametrize("solver, noise_strength", FAMILIES)
-def test_multistep_solve_preserves_the_marginal(solver, noise_strength, t_n, t_m):
-    samples = _solve_from_exact(t_n, t_m, solver, noise_strength, seed=t_n)
+@pytest.mark.parametrize("solver, knobs", FAMILIES)
+def test_multistep_solve_preserves_the_marginal(solver, knobs, t_n, t_m):
+    samples = _solve_from_exact(t_n, t_m, solver, knobs, seed=t_n)
     _assert_matches_marginal(samples, _marginal(t_m), seed=t_n)
 
 
 def test_marginal_check_catches_a_wrong_noise_scale():
-    samples = _solve_from_exact(71, 47, "sde", 0.0, seed=5, noise_scale=1.5)
+    samples = _solve_from_exact(71, 47, "sde", {}, seed=5, noise_scale=1.5)
     with pytest.raises(AssertionError):
         _assert_matches_marginal(samples, _marginal(47), seed=5)
 
@@ -130,10 +129,54 @@ def test_marginal_check_catches_a_wrong_noise_scale():
     [
         (dict(solver="euler"), "solver must be one of ddim, ode, sde, er_sde_5, noise_strength"),
         (dict(sub_steps=0), "sub_steps must be an integer >= 1"),
-        (dict(noise_strength=-0.1), "noise_strength must be a finite number >= 0"),
-        (dict(noise_strength=float("nan")), "noise_strength must be a finite number >= 0"),
+        (dict(solver="noise_strength", noise_strength=-0.1), "noise_strength must be a finite number >= 0"),
+        (dict(solver="noise_strength", noise_strength=float("nan")), "noise_strength must be a finite number >= 0"),
+        (dict(solver="ddim", eta=-0.1), "eta must be a finite number >= 0"),
+        (dict(solver="er_sde_5", noise_strength=0.3),
+         r"solver er_sde_5 takes no noise_strength; it takes no knob \(noise_strength is for solver noise_strength\)"),
+        (dict(solver="ddim", noise_strength=0.3), r"solver ddim takes no noise_strength; it takes eta \(noise_str"),
+        (dict(solver="noise_strength", eta=0.3), r"solver noise_strength takes no eta; it takes noise_strength \(eta"),
+        (dict(solver="ode", eta=0.0), r"solver ode takes no eta; it takes no knob \(eta is for solver ddim\)"),
+        (dict(solver="sde", noise_strength=0.0), "solver sde takes no noise_strength"),
     ],
 )
 def test_bad_solver_arguments_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         solvers.solve(lambda z, t: z, torch.zeros(1, 2), 999, 975, AB, **kwargs)
+
+
+def test_solver_step_checks_knobs_too():
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="solver er_sde_5 takes no noise_strength"):
+        solvers.solver_step("er_sde_5", z, z, 999, 975, AB, noise_strength=0.3)
+
+
+@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+def test_every_solver_runs_with_unused_knobs_left_none(solver):
+    """The trainer passes every knob, None where the solver does not take it."""
+    z = _latents(0, 4, 2).double()
+    out = solvers.solve(_exact_eps, z, 519, 495, AB, solver, 3, eta=None, noise_strength=None,
+                        generator=torch.Generator().manual_seed(0))
+    assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "solver, knobs, draws",
+    [("ode", {}, False), ("ddim", {}, False), ("ddim", dict(eta=0.0), False), ("ddim", dict(eta=0.3), True),
+     ("noise_strength", {}, False), ("noise_strength", dict(noise_strength=0.3), True), ("sde", {}, True),
+     ("er_sde_5", {}, True)],
+)
+def test_only_noisy_solvers_draw_from_the_generator(solver, knobs, draws):
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    solvers.solve(_exact_eps, _latents(0, 4, 2).double(), 519, 495, AB, solver, 3, generator=generator, **knobs)
+    assert (not torch.equal(generator.get_state(), before)) == draws
+
+
+@pytest.mark.parametrize("t", [999, 519, 39])
+def test_knob_defaults_are_zero_noise(t):
+    """ddim without eta and the family without noise_strength are the ODE."""
+    z, eps = _latents(0, 2, 4, 8, 8).double(), _latents(1, 2, 4, 8, 8).double()
+    ode = solvers.solver_step("ode", z, eps, t, t - 24, AB)
+    assert (solvers.solver_step("ddim", z, eps, t, t - 24, AB) - ode).abs().max() < 1e-12
+    assert torch.equal(solvers.solver_step("noise_strength", z, eps, t, t - 24, AB), ode)

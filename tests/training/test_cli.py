@@ -41,6 +41,56 @@ def test_modes_fill_only_what_is_left_unset():
     )
 
 
+def test_modes_set_no_knob_their_solver_ignores():
+    """scott = er_sde_5 and lcm = ode take no knob, so both stay unset; a solver's own knob defaults to 0."""
+    for mode in ("scott", "lcm"):
+        cfg = DistillConfig(teacher="t", data="d", mode=mode).resolved()
+        assert (cfg.eta, cfg.noise_strength) == (None, None)
+    ddim = DistillConfig(teacher="t", data="d", solver="ddim").resolved()
+    assert (ddim.eta, ddim.noise_strength) == (0.0, None)
+    family = DistillConfig(teacher="t", data="d", solver="noise_strength", noise_strength=0.3).resolved()
+    assert (family.eta, family.noise_strength) == (None, 0.3)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--noise-strength", "0.3"],
+            "error: --solver er_sde_5 (the default of --mode scott) takes no --noise-strength (it takes no knob): "
+            "drop --noise-strength, or use --solver noise_strength",
+        ),
+        (
+            ["--solver", "er_sde_5", "--noise-strength", "0.3"],
+            "error: --solver er_sde_5 (the default of --mode scott) takes no --noise-strength (it takes no knob): "
+            "drop --noise-strength, or use --solver noise_strength",
+        ),
+        (
+            ["--solver", "ddim", "--noise-strength", "0.3"],
+            "error: --solver ddim takes no --noise-strength (it takes --eta): drop --noise-strength, "
+            "or use --solver noise_strength",
+        ),
+        (
+            ["--solver", "noise_strength", "--eta", "0.3"],
+            "error: --solver noise_strength takes no --eta (it takes --noise-strength): drop --eta, "
+            "or use --solver ddim",
+        ),
+        (
+            ["--mode", "lcm", "--eta", "0"],
+            "error: --solver ode (the default of --mode lcm) takes no --eta (it takes no knob): drop --eta, "
+            "or use --solver ddim",
+        ),
+        (["--solver", "ddim", "--eta", "-0.1"], "error: --eta must be a finite number >= 0, got -0.1"),
+        (["--solver", "noise_strength", "--noise-strength", "inf"], "error: --noise-strength must be a finite"),
+    ],
+)
+def test_a_knob_the_solver_ignores_is_one_line_at_start(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr("training.loop.train", lambda cfg: pytest.fail("started training"))
+    assert main(["--teacher", "t", "--data", "d", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
 class Exploit:
     """Unpickling this would create a marker file."""
 

@@ -5,7 +5,8 @@ import torch
 from safetensors import safe_open
 
 from scott_core import lora_format
-from training.export import export_lora, peft_state_dict
+from training.config import DistillConfig
+from training.export import export_lora, metadata, peft_state_dict
 from training.loop import build, train
 from training.models import STUDENT, STUDENT_TARGETS, adapter_params, using
 
@@ -96,3 +97,22 @@ def test_training_run_exports_beside_its_config(tiny_teacher, tiny_data, tmp_pat
     assert (out / "config.json").read_text().count('"solver": "er_sde_5"') == 1
     state, _ = lora_format.read_safetensors(path)
     assert lora_format.detect_format(state) == "kohya"
+
+
+@pytest.mark.parametrize(
+    "flags, solver_keys",
+    [
+        (dict(mode="scott"), {"scott.solver": "er_sde_5"}),
+        (dict(mode="lcm"), {"scott.solver": "ode"}),
+        (dict(solver="ddim"), {"scott.solver": "ddim", "scott.eta": "0.0"}),
+        (dict(solver="ddim", eta=0.3), {"scott.solver": "ddim", "scott.eta": "0.3"}),
+        (
+            dict(solver="noise_strength", noise_strength=0.3),
+            {"scott.solver": "noise_strength", "scott.noise_strength": "0.3"},
+        ),
+        (dict(mode="lcm", solver="sde"), {"scott.solver": "sde"}),
+    ],
+)
+def test_metadata_names_the_solver_and_only_the_knob_it_used(flags, solver_keys):
+    meta = metadata(DistillConfig(teacher="t", data="d", **flags).resolved(), "base", "0" * 64)
+    assert {k: v for k, v in meta.items() if k in ("scott.solver", "scott.eta", "scott.noise_strength")} == solver_keys

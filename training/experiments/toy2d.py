@@ -40,7 +40,7 @@ class Arm:
 
     name: str
     solver: str
-    noise_strength: float = 0.0
+    noise_strength: float | None = None  # the knob of solver "noise_strength" only
     sub_steps: int = 3
 
 
@@ -130,8 +130,8 @@ def distill(mixture, arms, seeds, iterations, batch=512, lr=1e-3, ema_decay=0.95
                         AB,
                         arm.solver,
                         arm.sub_steps,
-                        arm.noise_strength,
-                        torch.Generator().manual_seed(1_000_003 * seeds[0] + it),
+                        noise_strength=arm.noise_strength,
+                        generator=torch.Generator().manual_seed(1_000_003 * seeds[0] + it),
                     )
                     for arm in arms
                 ]
