@@ -6,9 +6,14 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from scott_core.solvers import SOLVERS
+
+from .errors import UserError
+from .sources import METAVAR as DATA_METAVAR
+from .sources import WORLD_PREFIX, DataSource, parse_source
 
 MODES = ("scott", "lcm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -35,7 +40,6 @@ MODE_DEFAULTS = {
 
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
-WORLD_PREFIX = "world:"
 # `--teacher demo`: the shipped shapes-world teacher (training/world), with defaults sized for minutes on a CPU.
 # Flags given on the command line still win.
 DEMO_DEFAULTS = {
@@ -52,10 +56,6 @@ DEMO_DEFAULTS = {
     "validation_prompts": str(DEMO_TEACHER / "prompts.txt"),
     "num_workers": 0,
 }
-
-
-class UserError(ValueError):
-    """A mistake the user can fix (bad flag, teacher, data): the CLI prints one line, exits non-zero."""
 
 
 def _opt(default, help, **extra):
@@ -164,6 +164,11 @@ class DistillConfig:
     )
     recommended_cfg: float = _opt(1.0, "CFG scale written into the LoRA's metadata")
 
+    @cached_property
+    def source(self) -> DataSource:
+        """--data parsed once (sources.parse_source); the config itself keeps the user's string."""
+        return parse_source(self.data)
+
     def resolved(self):
         """A copy with every None that a mode or another field decides filled in, validated."""
         if self.mode not in MODES:
@@ -215,6 +220,7 @@ class DistillConfig:
         if self.span >= 1000:
             raise UserError(f"--span must be below 1000, got {self.span}")
         self.validation_step_counts()
+        self.source  # noqa: B018 - parse --data now: a malformed world:N stops the run before anything loads
 
     def validation_step_counts(self):
         """'1,2,4' -> [1, 2, 4]."""
@@ -252,7 +258,7 @@ def _base_type(annotation):
 
 def _metavar(name, kind):
     if name == "data":
-        return "PATH|prompts:FILE|world:N"
+        return DATA_METAVAR
     if name in ("teacher", "output", "validation_prompts"):
         return "PATH"
     return "PATH|latest" if name == "resume" else kind.__name__.upper()
