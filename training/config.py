@@ -1,10 +1,12 @@
 """The trainer's one typed config (defaults from METHOD.md) in field groups by concern, the flat CLI generated from it,
-range checks and resolution."""
+the TOML run file, range checks and resolution."""
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ MODE_DEFAULTS = {
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
 # `--teacher demo`: the shipped shapes-world teacher (training/world), with defaults sized for minutes on a CPU.
-# Flags given on the command line still win.
+# Flags given on the command line (or in a --config file) still win.
 DEMO_DEFAULTS = {
     "data": WORLD_PREFIX + "4000",
     "output": "runs/demo",
@@ -224,7 +226,7 @@ class OutputOptions:
     """What the run writes: checkpoints, validation grids, logs, the LoRA and its sampling metadata."""
 
     output: str = _opt(
-        "output", "output folder: checkpoints/, validation/, logs/, config.json and the exported LoRA"
+        "output", "output folder: checkpoints/, validation/, logs/, config.toml and the exported LoRA"
     )
     name: str = _opt(
         None, "file name (no extension) of the exported LoRA; default <teacher name>_<mode>_lora"
@@ -312,8 +314,8 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         return counts
 
     def save(self, path):
-        """Write the config as JSON (the resolved config beside a run's outputs)."""
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+        """Write the config as a TOML run file (`--config` reads it back to the same run)."""
+        Path(path).write_text(to_toml(self), encoding="utf-8")
 
 
 def demo_teacher():
@@ -362,11 +364,17 @@ def _default_text(f):
 
 
 def build_parser():
-    """argparse generated from DistillConfig: one --flag per field, in one group per concern."""
+    """argparse generated from DistillConfig: one --flag per field (in one group per concern), plus --config."""
     parser = argparse.ArgumentParser(
         prog="python -m training.distill",
         description="Distill a SCott (or LCM) LoRA from an SD1.5-family checkpoint. Flags left out take the "
         "defaults shown.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML run file whose keys are these flags' names (dashes or underscores); flags on the command "
+        "line override it. Every run writes its resolved configuration to <output>/config.toml",
     )
     kinds = field_types()
     for group_class in GROUPS:
@@ -390,13 +398,81 @@ def build_parser():
     return parser
 
 
+def read_run_file(path):
+    """A TOML run file -> {field name: value}, each key known and each value of its field's type, else UserError."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"run file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"run file {path} is not valid TOML: {error}") from None
+    kinds, values = field_types(), {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in kinds:
+            closest = difflib.get_close_matches(name, list(kinds), n=1, cutoff=0.0)
+            raise UserError(f"run file {path}: unknown key {key!r}; the closest valid key is {closest[0]!r}")
+        if name in values:
+            raise UserError(f"run file {path}: key {key!r} is given twice (dashes and underscores are the same key)")
+        values[name] = _typed_value(path, key, value, kinds[name])
+    return values
+
+
+def _typed_value(path, key, value, kind):
+    """The run file's value for a field of type kind (an int is a valid float), else a UserError."""
+    choices = next(f for f in dataclasses.fields(DistillConfig) if f.name == key.replace("-", "_")).metadata.get(
+        "choices"
+    )
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+        raise UserError(f"run file {path}: {key} must be {names[kind]}, got {value!r}")
+    if choices and value not in choices:
+        raise UserError(f"run file {path}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def to_toml(cfg):
+    """The config as a TOML run file, one commented section per group; unset (None) options are left out."""
+    lines = ["# SCott distillation run: python -m training.distill --config config.toml", ""]
+    for group_class in GROUPS:
+        lines.append(f"# {group_class.__name__.removesuffix('Options').lower()}: {group_class.__doc__}")
+        for f in dataclasses.fields(group_class):
+            value = getattr(cfg, f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value):
+    """A TOML literal: true/false, an integer, a float (repr round-trips), or a basic string (JSON escapes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
 def parse_config(argv=None):
-    """CLI arguments -> resolved DistillConfig (`--teacher demo` first swaps in DEMO_DEFAULTS)."""
+    """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    run_file = read_run_file(args.config) if args.config else {}
+    parser.set_defaults(**run_file)
+    args = parser.parse_args(argv)
     if args.teacher == "demo":
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**{**DEMO_DEFAULTS, **run_file})
         args = parser.parse_args(argv)
     if args.teacher is None:
         parser.error("the following arguments are required: --teacher")
-    return DistillConfig(**vars(args)).resolved()
+    values = vars(args)
+    del values["config"]
+    return DistillConfig(**values).resolved()

@@ -260,7 +260,7 @@ def train(cfg):
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
     step = checkpoint.load(accelerator, resume) if resume else 0
     if accelerator.is_main_process:
-        cfg.save(output / "config.json")
+        cfg.save(output / "config.toml")
         log.info(
             "%d pairs (%d images without a caption skipped); %s",
             len(run.dataset),
