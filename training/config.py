@@ -1,14 +1,23 @@
-"""The trainer's one typed config (defaults from METHOD.md), the CLI generated from it, and its resolution."""
+"""The trainer's one typed config (defaults from METHOD.md) in field groups by concern, the flat CLI generated from it,
+the TOML run file, range checks and resolution."""
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
+
+from .errors import UserError
+from .sources import METAVAR as DATA_METAVAR
+from .sources import WORLD_PREFIX, DataSource, parse_source
 
 MODES = ("scott", "lcm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -34,9 +43,8 @@ MODE_DEFAULTS = {
 
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
-WORLD_PREFIX = "world:"
 # `--teacher demo`: the shipped shapes-world teacher (training/world), with defaults sized for minutes on a CPU.
-# Flags given on the command line still win.
+# Flags given on the command line (or in a --config file) still win.
 DEMO_DEFAULTS = {
     "data": WORLD_PREFIX + "4000",
     "output": "runs/demo",
@@ -53,17 +61,49 @@ DEMO_DEFAULTS = {
 }
 
 
-class UserError(ValueError):
-    """A mistake the user can fix (bad flag, teacher, data): the CLI prints one line, exits non-zero."""
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: [low, high] (either end open or absent), optionally a multiple."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    multiple: int | None = None
+
+    def contains(self, value):
+        """Whether value is a finite number inside the range."""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return self.multiple is None or value % self.multiple == 0
+
+    def describe(self):
+        """'> 0', '>= 1', 'in [0, 1)', 'a multiple of 8, >= 8'."""
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high}"
+        return text if self.multiple is None else f"a multiple of {self.multiple}, {text}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+PROBABILITY = Range(0, 1)
 
 
 def _opt(default, help, **extra):
+    """A config field: its default, its --help text, and extra: required, choices, range (a Range)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
-class DistillConfig:
-    """Every knob of one distillation run; None means "the mode's default" (see MODE_DEFAULTS)."""
+class ModelOptions:
+    """The teacher and the LoRAs trained on it."""
 
     teacher: str = _opt(
         None,
@@ -72,6 +112,16 @@ class DistillConfig:
         "for a few minutes on a CPU (data world:4000, resolution 64, batch 16, 300 steps, rank 16)",
         required=True,
     )
+    trust_ckpt: bool = _opt(False, "allow a .ckpt/.pt teacher (pickle: run only files you trust)")
+    lora_rank: int = _opt(64, "rank of the student LoRA (LCM-LoRA's layers)", range=AT_LEAST_1)
+    lora_alpha: float = _opt(None, "LoRA alpha of the student; default = --lora-rank (scale 1)", range=POSITIVE)
+    disc_lora_rank: int = _opt(32, "rank of the discriminator's LoRA on the UNet's up blocks", range=AT_LEAST_1)
+
+
+@dataclass
+class DataOptions:
+    """What the student learns from: images, the shapes world, or teacher images drawn from prompts."""
+
     data: str = _opt(
         None,
         "training images: a folder of images with same-name .txt captions (or metadata.jsonl / "
@@ -85,15 +135,28 @@ class DistillConfig:
         10000,
         "data-free only: how many teacher images to draw (about 4 h of a 2024 GPU at 512 px, so that "
         "drawing and a 1000-step run fit in one GPU-day)",
+        range=AT_LEAST_1,
     )
-    synth_steps: int = _opt(25, "data-free only: DPM-Solver++ 2M steps per teacher image")
-    synth_cfg: float = _opt(7.5, "data-free only: classifier-free guidance scale of the teacher images")
-    output: str = _opt(
-        "output", "output folder: checkpoints/, validation/, logs/, config.json and the exported LoRA"
+    synth_steps: int = _opt(25, "data-free only: DPM-Solver++ 2M steps per teacher image", range=AT_LEAST_1)
+    synth_cfg: float = _opt(
+        7.5, "data-free only: classifier-free guidance scale of the teacher images", range=AT_LEAST_0
     )
-    name: str = _opt(
-        None, "file name (no extension) of the exported LoRA; default <teacher name>_<mode>_lora"
+    resolution: int = _opt(
+        512,
+        "training resolution in pixels, a multiple of 8 (resize of the short side + center crop)",
+        range=Range(8, multiple=8),
     )
+    caption_dropout: float = _opt(
+        0.1, "probability a sample's caption is replaced by the empty caption", range=PROBABILITY
+    )
+    num_workers: int = _opt(2, "data-loader worker processes per process (0: load in the main process)",
+                            range=AT_LEAST_0)
+
+
+@dataclass
+class MethodOptions:
+    """The distillation method: mode, teacher solver, timestep grid, guidance, losses."""
+
     mode: str = _opt(
         "scott",
         "scott: stochastic multi-step teacher + adversarial loss (METHOD.md 2-4); lcm: "
@@ -108,66 +171,111 @@ class DistillConfig:
         choices=SOLVERS,
     )
     eta: float = _opt(
-        None, "DDIM's eta, the teacher's noise for --solver ddim only: 0 = deterministic DDIM, 1 = DDPM-like"
+        None,
+        "DDIM's eta, the teacher's noise for --solver ddim only: 0 = deterministic DDIM, 1 = DDPM-like",
+        range=AT_LEAST_0,
     )
     noise_strength: float = _opt(
         None,
         "the teacher's noise for --solver noise_strength only: s in phi(x)=x^(1+s^2), 0 = the ODE, 1 = the "
         "full reverse SDE",
+        range=AT_LEAST_0,
     )
-    sub_steps: int = _opt(None, "teacher sub-steps h from t_n to t_m; default 3 (scott), 1 (lcm)")
-    span: int = _opt(None, "skip K in timesteps: t_m = max(t_n - K, 0); default 24 (scott), 20 (lcm)")
+    sub_steps: int = _opt(
+        None, "teacher sub-steps h from t_n to t_m; default 3 (scott), 1 (lcm)", range=AT_LEAST_1
+    )
+    span: int = _opt(
+        None, "skip K in timesteps: t_m = max(t_n - K, 0); default 24 (scott), 20 (lcm)", range=Range(1, 999)
+    )
     grid_spacing: int = _opt(
-        None, "spacing of the t_n grid (T-1, T-1-spacing, ...); default 8 (scott), 20 (lcm)"
+        None, "spacing of the t_n grid (T-1, T-1-spacing, ...); default 8 (scott), 20 (lcm)", range=Range(1, 999)
     )
-    w_min: float = _opt(2.0, "lowest guidance scale w drawn per sample, in the (1+w)*cond - w*uncond form")
-    w_max: float = _opt(14.0, "highest guidance scale w drawn per sample")
-    huber_c: float = _opt(0.001, "pseudo-Huber constant c of the consistency loss sqrt(d^2 + c^2) - c")
-    ema_decay: float = _opt(0.95, "EMA decay of the target LoRA after each optimiser step")
+    w_min: float = _opt(
+        2.0, "lowest guidance scale w drawn per sample, in the (1+w)*cond - w*uncond form", range=AT_LEAST_0
+    )
+    w_max: float = _opt(14.0, "highest guidance scale w drawn per sample (>= --w-min)", range=AT_LEAST_0)
+    huber_c: float = _opt(
+        0.001, "pseudo-Huber constant c of the consistency loss sqrt(d^2 + c^2) - c", range=AT_LEAST_0
+    )
+    ema_decay: float = _opt(
+        0.95, "EMA decay of the target LoRA after each optimiser step", range=Range(0, 1, high_open=True)
+    )
     adv_weight: float = _opt(
         None,
         "weight of the adversarial loss (0 turns it and the discriminator off); default 0.4 (scott), 0 (lcm)",
+        range=AT_LEAST_0,
     )
     disc_renoise: bool = _opt(False, "score real and fake latents re-noised to t_n instead of clean at t_n")
-    lora_rank: int = _opt(64, "rank of the student LoRA (LCM-LoRA's layers)")
-    lora_alpha: float = _opt(None, "LoRA alpha of the student; default = --lora-rank (scale 1)")
-    disc_lora_rank: int = _opt(32, "rank of the discriminator's LoRA on the UNet's up blocks")
-    lr: float = _opt(1e-4, "student LoRA learning rate (AdamW)")
-    disc_lr: float = _opt(2e-5, "discriminator (LoRA + head) learning rate")
-    lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up in optimiser steps")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
-    batch_size: int = _opt(4, "images per process per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimiser step")
-    max_steps: int = _opt(1000, "optimiser steps to train")
-    resolution: int = _opt(512, "training resolution in pixels (resize of the short side + center crop)")
-    caption_dropout: float = _opt(0.1, "probability a sample's caption is replaced by the empty caption")
+
+
+@dataclass
+class OptimOptions:
+    """Optimisation: learning rates, batch, steps, precision, seed."""
+
+    lr: float = _opt(1e-4, "student LoRA learning rate (AdamW)", range=POSITIVE)
+    disc_lr: float = _opt(2e-5, "discriminator (LoRA + head) learning rate", range=POSITIVE)
+    lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up in optimiser steps (0: off)", range=AT_LEAST_0)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", range=AT_LEAST_0)
+    batch_size: int = _opt(4, "images per process per micro-batch", range=AT_LEAST_1)
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimiser step", range=AT_LEAST_1)
+    max_steps: int = _opt(1000, "optimiser steps to train", range=AT_LEAST_1)
     mixed_precision: str = _opt(
         "no", "autocast precision of the UNet passes (bf16 also works on CPUs)", choices=MIXED_PRECISION
     )
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in backward to save memory")
-    checkpoint_every: int = _opt(
-        500, "write a resumable checkpoint every N optimiser steps (0: only at the end)"
+    seed: int = _opt(
+        0, "seed of data order, noise, timesteps, guidance scales and caption dropout", range=AT_LEAST_0
     )
-    keep_checkpoints: int = _opt(3, "how many of the latest checkpoints to keep")
+
+
+@dataclass
+class OutputOptions:
+    """What the run writes: checkpoints, validation grids, logs, the LoRA and its sampling metadata."""
+
+    output: str = _opt(
+        "output", "output folder: checkpoints/, validation/, logs/, config.toml and the exported LoRA"
+    )
+    name: str = _opt(
+        None, "file name (no extension) of the exported LoRA; default <teacher name>_<mode>_lora"
+    )
+    checkpoint_every: int = _opt(
+        500, "write a resumable checkpoint every N optimiser steps (0: only at the end)", range=AT_LEAST_0
+    )
+    keep_checkpoints: int = _opt(3, "how many of the latest checkpoints to keep", range=AT_LEAST_1)
     resume: str = _opt(
         None, "resume from a checkpoint folder, or 'latest' for the newest in <output>/checkpoints"
     )
-    validate_every: int = _opt(500, "write a validation grid every N optimiser steps (0: off)")
+    validate_every: int = _opt(
+        500, "write a validation grid every N optimiser steps (0: off)", range=AT_LEAST_0
+    )
     validation_prompts: str = _opt(
         None, "text file, one prompt a line, for the validation grids; default 4 built-in prompts"
     )
     validation_steps: str = _opt(
         "1,2,4", "sampling step counts shown in the validation grid, comma-separated"
     )
-    num_workers: int = _opt(2, "data-loader worker processes per process")
-    log_every: int = _opt(10, "log losses to TensorBoard every N optimiser steps")
-    seed: int = _opt(0, "seed of data order, noise, timesteps, guidance scales and caption dropout")
-    trust_ckpt: bool = _opt(False, "allow a .ckpt/.pt teacher (pickle: run only files you trust)")
-    recommended_steps: int = _opt(4, "sampling steps written into the LoRA's metadata as the recommendation")
-    recommended_gamma: float = _opt(
-        1.0, "sampler gamma written into the LoRA's metadata (1: LCM's full re-noise)"
+    log_every: int = _opt(10, "log losses to TensorBoard every N optimiser steps", range=AT_LEAST_1)
+    recommended_steps: int = _opt(
+        4, "sampling steps written into the LoRA's metadata as the recommendation", range=AT_LEAST_1
     )
-    recommended_cfg: float = _opt(1.0, "CFG scale written into the LoRA's metadata")
+    recommended_gamma: float = _opt(
+        1.0, "sampler gamma written into the LoRA's metadata (1: LCM's full re-noise)", range=PROBABILITY
+    )
+    recommended_cfg: float = _opt(1.0, "CFG scale written into the LoRA's metadata", range=AT_LEAST_0)
+
+
+# The groups in CLI / run-file order (DistillConfig's fields come in the reverse of its bases' order).
+GROUPS = (ModelOptions, DataOptions, MethodOptions, OptimOptions, OutputOptions)
+
+
+@dataclass
+class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, ModelOptions):
+    """Every knob of one distillation run, flat (cfg.lr, cfg.solver, ...); None means "the mode's default"."""
+
+    @cached_property
+    def source(self) -> DataSource:
+        """--data parsed once (sources.parse_source); the config itself keeps the user's string."""
+        return parse_source(self.data)
 
     def resolved(self):
         """A copy with every None that a mode or another field decides filled in, validated."""
@@ -179,8 +287,7 @@ class DistillConfig:
         for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
-        self.check_solver_knobs(values["solver"])
-        for knob, value in SOLVERS[values["solver"]].knobs.items():
+        for knob, value in SOLVERS[values["solver"]].knobs.items() if values["solver"] in SOLVERS else ():
             if values[knob] is None:
                 values[knob] = value
         if values["lora_alpha"] is None:
@@ -192,39 +299,19 @@ class DistillConfig:
         return config
 
     def check(self):
-        """Raise ValueError naming the first out-of-range value."""
-        positive = (
-            "sub_steps",
-            "span",
-            "grid_spacing",
-            "lora_rank",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "resolution",
-            "keep_checkpoints",
-            "disc_lora_rank",
-            "log_every",
-            "synth_images",
-            "synth_steps",
-        )
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.w_min <= self.w_max:
+        """Raise a UserError naming the first option out of its range (see each field's `range`)."""
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), _flag(f.name)
+            if "range" in f.metadata and value is not None and not f.metadata["range"].contains(value):
+                finite = "" if math.isfinite(value) else "a finite number "
+                raise UserError(f"{flag} must be {finite}{f.metadata['range'].describe()}, got {value}")
+            if f.metadata.get("choices") and value is not None and value not in f.metadata["choices"]:
+                raise UserError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if not self.w_min <= self.w_max:
             raise UserError(f"need 0 <= --w-min <= --w-max, got {self.w_min} and {self.w_max}")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise UserError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.adv_weight < 0:
-            raise UserError(f"--adv-weight must be >= 0, got {self.adv_weight}")
         self.check_solver_knobs(self.solver)
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
-        if self.span >= 1000:
-            raise UserError(f"--span must be below 1000, got {self.span}")
         self.validation_step_counts()
+        self.source  # noqa: B018 - parse --data now: a malformed world:N stops the run before anything loads
 
     def check_solver_knobs(self, solver):
         """A knob `solver` does not take is a UserError naming the solver and the knob it does take."""
@@ -241,8 +328,6 @@ class DistillConfig:
                 its = "it takes " + ", ".join(takes) if takes else "it takes no knob"
                 owner = " / ".join(knob_owners(knob))
                 raise UserError(f"{named} takes no {flag} ({its}): drop {flag}, or use --solver {owner}")
-            if not 0 <= value < float("inf"):
-                raise UserError(f"{flag} must be a finite number >= 0, got {value}")
 
     def validation_step_counts(self):
         """'1,2,4' -> [1, 2, 4]."""
@@ -257,8 +342,8 @@ class DistillConfig:
         return counts
 
     def save(self, path):
-        """Write the config as JSON (the resolved config beside a run's outputs)."""
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+        """Write the config as a TOML run file (`--config` reads it back to the same run)."""
+        Path(path).write_text(to_toml(self), encoding="utf-8")
 
 
 def demo_teacher():
@@ -271,6 +356,10 @@ def demo_teacher():
     return DEMO_TEACHER
 
 
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def _base_type(annotation):
     """str / int / float / bool from a (possibly Optional) annotation."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -278,13 +367,15 @@ def _base_type(annotation):
     return annotation
 
 
-def _flag(name):
-    return "--" + name.replace("_", "-")
+def field_types():
+    """{field name: str / int / float / bool} of DistillConfig."""
+    hints = typing.get_type_hints(DistillConfig)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(DistillConfig)}
 
 
 def _metavar(name, kind):
     if name == "data":
-        return "PATH|prompts:FILE|world:N"
+        return DATA_METAVAR
     if name in ("teacher", "output", "validation_prompts"):
         return "PATH"
     return "PATH|latest" if name == "resume" else kind.__name__.upper()
@@ -303,39 +394,115 @@ def _default_text(f):
 
 
 def build_parser():
-    """argparse generated from DistillConfig: one --flag per field, its help and default from the field."""
+    """argparse generated from DistillConfig: one --flag per field (in one group per concern), plus --config."""
     parser = argparse.ArgumentParser(
         prog="python -m training.distill",
         description="Distill a SCott (or LCM) LoRA from an SD1.5-family checkpoint. Flags left out take the "
         "defaults shown.",
     )
-    hints = typing.get_type_hints(DistillConfig)
-    for f in dataclasses.fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        help_text = f.metadata["help"] + _default_text(f)
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML run file whose keys are these flags' names (dashes or underscores); flags on the command "
+        "line override it. Every run writes its resolved configuration to <output>/config.toml",
+    )
+    kinds = field_types()
+    for group_class in GROUPS:
+        group = parser.add_argument_group(group_class.__name__.removesuffix("Options").lower(), group_class.__doc__)
+        for f in dataclasses.fields(group_class):
+            kind = kinds[f.name]
+            help_text = f.metadata["help"] + _default_text(f)
+            if kind is bool:
+                group.add_argument(
+                    _flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+                )
+                continue
+            group.add_argument(
+                _flag(f.name),
+                type=kind,
+                default=f.default,
+                help=help_text,
+                choices=f.metadata.get("choices"),
+                metavar=None if f.metadata.get("choices") else _metavar(f.name, kind),
             )
-            continue
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=f.default,
-            help=help_text,
-            required=f.metadata.get("required", False),
-            choices=f.metadata.get("choices"),
-            metavar=None if f.metadata.get("choices") else _metavar(f.name, kind),
-        )
     return parser
 
 
+def read_run_file(path):
+    """A TOML run file -> {field name: value}, each key known and each value of its field's type, else UserError."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"run file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"run file {path} is not valid TOML: {error}") from None
+    kinds, values = field_types(), {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in kinds:
+            closest = difflib.get_close_matches(name, list(kinds), n=1, cutoff=0.0)
+            raise UserError(f"run file {path}: unknown key {key!r}; the closest valid key is {closest[0]!r}")
+        if name in values:
+            raise UserError(f"run file {path}: key {key!r} is given twice (dashes and underscores are the same key)")
+        values[name] = _typed_value(path, key, value, kinds[name])
+    return values
+
+
+def _typed_value(path, key, value, kind):
+    """The run file's value for a field of type kind (an int is a valid float), else a UserError."""
+    choices = next(f for f in dataclasses.fields(DistillConfig) if f.name == key.replace("-", "_")).metadata.get(
+        "choices"
+    )
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+        raise UserError(f"run file {path}: {key} must be {names[kind]}, got {value!r}")
+    if choices and value not in choices:
+        raise UserError(f"run file {path}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def to_toml(cfg):
+    """The config as a TOML run file, one commented section per group; unset (None) options are left out."""
+    lines = ["# SCott distillation run: python -m training.distill --config config.toml", ""]
+    for group_class in GROUPS:
+        lines.append(f"# {group_class.__name__.removesuffix('Options').lower()}: {group_class.__doc__}")
+        for f in dataclasses.fields(group_class):
+            value = getattr(cfg, f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value):
+    """A TOML literal: true/false, an integer, a float (repr round-trips), or a basic string (JSON escapes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
 def parse_config(argv=None):
-    """CLI arguments -> resolved DistillConfig (`--teacher demo` first swaps in DEMO_DEFAULTS)."""
+    """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    run_file = read_run_file(args.config) if args.config else {}
+    parser.set_defaults(**run_file)
+    args = parser.parse_args(argv)
     if args.teacher == "demo":
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**{**DEMO_DEFAULTS, **run_file})
         args = parser.parse_args(argv)
-    return DistillConfig(**vars(args)).resolved()
+    if args.teacher is None:
+        parser.error("the following arguments are required: --teacher")
+    values = vars(args)
+    del values["config"]
+    return DistillConfig(**values).resolved()

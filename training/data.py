@@ -1,4 +1,4 @@
-"""Image + caption pairs from a folder (.txt / metadata.jsonl / .csv) or webdataset .tar shards."""
+"""Image + caption pairs from a folder (.txt / metadata.jsonl / .csv) or webdataset .tar shards (see sources.py)."""
 
 import csv
 import io
@@ -11,16 +11,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import UserError
+from .errors import DataError
+from .sources import ImageFolder, TarShards, parse_source
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
-
-
-class DataError(UserError):
-    """A data source the trainer cannot use."""
 
 
 @dataclass(frozen=True)
@@ -90,33 +87,22 @@ def tar_pairs(paths):
     return pairs, missing
 
 
-def expand_source(data):
-    """A folder, a .tar path, or a brace pattern of shards ('s/{000..009}.tar') -> ('folder'|'tar', paths)."""
-    from braceexpand import braceexpand
-
-    if Path(data).is_dir():
-        return "folder", [Path(data)]
-    paths = [Path(p) for p in braceexpand(str(data))]
-    if all(p.suffix == ".tar" for p in paths):
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise DataError(
-                f"data shards not found: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-            )
-        return "tar", paths
-    raise DataError(f"data {data} is neither an image folder nor .tar shards")
-
-
 class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset of (pixels in [-1, 1] [3, R, R], caption); unreadable image -> None (skipped)."""
 
     def __init__(self, data, resolution):
-        kind, paths = expand_source(data)
-        self.pairs, self.missing_captions = folder_pairs(paths[0]) if kind == "folder" else tar_pairs(paths)
+        source = parse_source(data)
+        source.check()
+        if isinstance(source, ImageFolder):
+            self.pairs, self.missing_captions = folder_pairs(source.path)
+        elif isinstance(source, TarShards):
+            self.pairs, self.missing_captions = tar_pairs(source.paths)
+        else:
+            raise DataError(f"data {data} is not images: the loop renders or draws it into a folder first")
         self.resolution = resolution
         if not self.pairs:
             raise DataError(
-                f"data {data} has no usable image + caption pairs "
+                f"data {source} has no usable image + caption pairs "
                 f"({self.missing_captions} images without a caption); "
                 "give each image a same-name .txt, or a metadata.jsonl / metadata.csv with file_name,text"
             )

@@ -5,6 +5,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
-from .config import WORLD_PREFIX, UserError
+from .config import DistillConfig, UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
 from .models import (
@@ -20,6 +21,7 @@ from .models import (
     DISC,
     STUDENT,
     DiscriminatorHead,
+    Teacher,
     add_adapters,
     check_teacher_path,
     ema_update,
@@ -27,9 +29,13 @@ from .models import (
     tokenize,
     up_block_channels,
 )
+from .sources import ImageFolder, World
 from .step import SCottStep, draw
-from .synth import synth_prompts, synthesize_run
+from .synth import synthesize_run
 from .validation import read_prompts, validation_grid
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("training")
 
@@ -42,15 +48,15 @@ class TrainingDiverged(UserError):
 class Run:
     """Everything one run holds: the accelerator, the prepared SCott model and optimiser, the encoders."""
 
-    cfg: object
-    accelerator: object
-    model: object
-    optimizer: object
-    scheduler: object
-    teacher: object
-    dataset: object
+    cfg: DistillConfig
+    accelerator: "Accelerator"
+    model: torch.nn.Module  # SCottStep, wrapped by accelerate.prepare (DDP under several processes)
+    optimizer: torch.optim.Optimizer  # accelerate's AcceleratedOptimizer over AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    teacher: Teacher
+    dataset: PairDataset
     grid: torch.Tensor
-    uncond: torch.Tensor
+    uncond: torch.Tensor | None
 
     @property
     def unet(self):
@@ -84,13 +90,16 @@ def build(cfg):
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
-    prompts = synth_prompts(cfg.data)  # a bad prompt file fails here, before any model loads
-    data = world_folder(cfg, accelerator) if str(cfg.data).startswith(WORLD_PREFIX) else cfg.data
-    dataset = None if prompts is not None else PairDataset(data, cfg.resolution)
+    source = cfg.source
+    source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
+    prompts = source.prompts() if source.data_free else None
+    if isinstance(source, World):
+        source = world_folder(source, cfg.output, accelerator)
+    dataset = None if source.data_free else PairDataset(source, cfg.resolution)
     teacher = load_teacher(
         cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
     )
-    if prompts is not None:
+    if source.data_free:
         dataset = synthetic_dataset(cfg, accelerator, teacher, prompts)
     unet = teacher.unet
     set_seed(cfg.seed)  # LoRA A and head initialisation (the same on every process)
@@ -127,18 +136,15 @@ def build(cfg):
     return run
 
 
-def world_folder(cfg, accelerator):
-    """'world:N': the first N shapes-world images (seed 0) rendered once into <output>/world."""
+def world_folder(world, output, accelerator):
+    """'world:N': the first N shapes-world images (seed 0) rendered once into <output>/world, as an ImageFolder."""
     from .world.scenes import write_folder
 
-    count = cfg.data[len(WORLD_PREFIX) :]
-    if not count.isdigit() or int(count) < 1:
-        raise UserError(f"--data {cfg.data}: give world:N with N >= 1 images, e.g. world:4000")
-    folder = Path(cfg.output) / "world"
+    folder = Path(output) / "world"
     if accelerator.is_main_process:
-        write_folder(folder, int(count))
+        write_folder(folder, world.count)
     accelerator.wait_for_everyone()
-    return str(folder)
+    return ImageFolder(folder)
 
 
 def synthetic_dataset(cfg, accelerator, teacher, prompts):
@@ -152,7 +158,7 @@ def synthetic_dataset(cfg, accelerator, teacher, prompts):
         "data-free: rank %d drew %d new teacher images into %s (%d in the run)",
         accelerator.process_index, made, folder, cfg.synth_images,
     )
-    return PairDataset(str(folder), cfg.resolution)
+    return PairDataset(ImageFolder(Path(folder)), cfg.resolution)
 
 
 @torch.no_grad()
@@ -254,7 +260,7 @@ def train(cfg):
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
     step = checkpoint.load(accelerator, resume) if resume else 0
     if accelerator.is_main_process:
-        cfg.save(output / "config.json")
+        cfg.save(output / "config.toml")
         log.info(
             "%d pairs (%d images without a caption skipped); %s",
             len(run.dataset),

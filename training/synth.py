@@ -7,10 +7,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .synth_prompts import builtin_prompts, read_prompt_file
-
-PROMPTS_PREFIX = "prompts:"
-
 
 @dataclass(frozen=True)
 class SynthItem:
@@ -82,15 +78,6 @@ def pipeline_generator(pipe, steps=25, cfg=7.5, resolution=512):
         ).images
 
     return generate
-
-
-def synth_prompts(data):
-    """The prompts of a data-free run (None: the built-in list; 'prompts:FILE': the file's), else None."""
-    if data is None:
-        return builtin_prompts()
-    if str(data).startswith(PROMPTS_PREFIX):
-        return read_prompt_file(str(data)[len(PROMPTS_PREFIX) :])
-    return None
 
 
 def teacher_pipeline(teacher, scheduler_config):

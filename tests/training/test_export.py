@@ -94,7 +94,7 @@ def test_training_run_exports_beside_its_config(tiny_teacher, tiny_data, tmp_pat
     out = tmp_path / "out"
     path = train(tiny_config(tiny_teacher, tiny_data, out, max_steps=1, name="mine"))
     assert path == out / "mine.safetensors" and path.is_file()
-    assert (out / "config.json").read_text().count('"solver": "er_sde_5"') == 1
+    assert (out / "config.toml").read_text().count('solver = "er_sde_5"') == 1
     state, _ = lora_format.read_safetensors(path)
     assert lora_format.detect_format(state) == "kohya"
 
