@@ -17,8 +17,8 @@ from PIL import Image
 
 from scott_core.schedule import alphas_cumprod
 from training.config import demo_teacher
-from training.models import tokenize
-from training.synth import save_pair
+from training.models import load_teacher, tokenize
+from training.synth import save_pair, teacher_pipeline
 from training.validation import consistency_sample, decode
 from training.world import scenes
 
@@ -47,17 +47,9 @@ def distill(arm, seed, out, max_steps, train_images):
 
 
 def load_pipeline(lora=None):
-    """The demo teacher as a StableDiffusionPipeline (fp32, CPU), with `lora` loaded if given."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(demo_teacher()), local_files_only=True, dtype=torch.float32, safety_checker=None,
-        requires_safety_checker=False,
-    )
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
-    pipe.set_progress_bar_config(disable=True)
+    """The demo teacher's DPM-Solver++ 2M pipeline (training.synth.teacher_pipeline; fp32, CPU), with `lora` loaded
+    if given."""
+    pipe = teacher_pipeline(load_teacher(demo_teacher()))
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe

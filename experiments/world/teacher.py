@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from scott_core.schedule import alphas_cumprod
 from training.models import ASSETS, load_teacher, tokenize
+from training.synth import teacher_pipeline
 from training.world import scenes
 
 # Sizes of the full teacher and of the seconds-long --quick one (the test's).
@@ -285,14 +286,9 @@ def save(out, pipe, readme):
 @torch.no_grad()
 def sample_grid(folder, path, seeds=4, steps=25, cfg=7.5, scale=2):
     """A PNG of the folder's prompts.txt (one row each, `seeds` columns) drawn with DPM-Solver++ 2M."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from PIL import Image, ImageDraw
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False
-    ).to(torch.float32)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = teacher_pipeline(load_teacher(folder))
     prompts = (Path(folder) / "prompts.txt").read_text(encoding="utf-8").split("\n")
     prompts = [p for p in prompts if p.strip()]
     side, label = scenes.SIZE * scale, 360
