@@ -351,7 +351,7 @@ def demo_teacher():
     if not (DEMO_TEACHER / "model_index.json").is_file():
         raise UserError(
             f"the demo teacher is missing from {DEMO_TEACHER}; rebuild it with "
-            f"python -m training.world.teacher --out {DEMO_TEACHER}"
+            f"python -m experiments.world.teacher --out {DEMO_TEACHER}"
         )
     return DEMO_TEACHER
 

@@ -17,7 +17,6 @@ from .config import DistillConfig, UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
 from .models import (
-    ASSETS,
     DISC,
     STUDENT,
     DiscriminatorHead,
@@ -150,7 +149,7 @@ def world_folder(world, output, accelerator):
 def synthetic_dataset(cfg, accelerator, teacher, prompts):
     """Data-free: every process draws its shard of the teacher images, then all read the whole folder."""
     folder, made = synthesize_run(
-        cfg, teacher, prompts, ASSETS / "scheduler", accelerator.device,
+        cfg, teacher, prompts, accelerator.device,
         accelerator.process_index, accelerator.num_processes,
     )
     accelerator.wait_for_everyone()

@@ -52,6 +52,7 @@ class Teacher:
     tokenizer: object
     name: str
     sha256: str
+    scheduler_config: Path = ASSETS / "scheduler"  # the folder its noise schedule (and spacing) is read from
 
 
 def classify_keys(shapes):
@@ -170,7 +171,8 @@ def load_teacher(path, trust_ckpt=False, dtype=torch.float32):
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(ASSETS), **common)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
-    return Teacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, path.stem, file_sha256(path))
+    scheduler = path / "scheduler" if path.is_dir() else ASSETS / "scheduler"
+    return Teacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, path.stem, file_sha256(path), scheduler)
 
 
 def tokenize(tokenizer, captions):

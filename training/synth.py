@@ -80,12 +80,13 @@ def pipeline_generator(pipe, steps=25, cfg=7.5, resolution=512):
     return generate
 
 
-def teacher_pipeline(teacher, scheduler_config):
-    """A StableDiffusionPipeline over the teacher's modules with DPM-Solver++ 2M (no safety checker)."""
+def teacher_pipeline(teacher):
+    """A StableDiffusionPipeline over the teacher's modules with DPM-Solver++ 2M on the teacher's own scheduler
+    config (timestep spacing included), no safety checker: the one teacher sampler of synthesis and the world."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler.from_pretrained(
-        str(scheduler_config), algorithm_type="dpmsolver++", solver_order=2
+        str(teacher.scheduler_config), algorithm_type="dpmsolver++", solver_order=2
     )
     pipe = StableDiffusionPipeline(
         vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
@@ -95,10 +96,10 @@ def teacher_pipeline(teacher, scheduler_config):
     return pipe
 
 
-def synthesize_run(cfg, teacher, prompts, scheduler_config, device, rank=0, world_size=1):
+def synthesize_run(cfg, teacher, prompts, device, rank=0, world_size=1):
     """Fill <output>/synth with this process's shard of the run's images; returns (folder, images made)."""
     folder = Path(cfg.output) / "synth"
-    pipe = teacher_pipeline(teacher, scheduler_config).to(device)
+    pipe = teacher_pipeline(teacher).to(device)
     generate = pipeline_generator(pipe, cfg.synth_steps, cfg.synth_cfg, cfg.resolution)
     items = shard(plan(prompts, cfg.synth_images, cfg.seed), rank, world_size)
     made = synthesize(generate, items, folder, cfg.batch_size, rank, show_progress=rank == 0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from experiments.toy2d.mixture import GaussianMixture
 from scott_core import schedule, solvers
-from training.experiments.gmm import GaussianMixture
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 AB = schedule.alphas_cumprod()

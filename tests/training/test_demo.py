@@ -29,7 +29,7 @@ def test_demo_takes_its_defaults_and_explicit_flags_win(shipped_demo):
 
 def test_missing_demo_teacher_says_how_to_rebuild_it(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "DEMO_TEACHER", tmp_path / "nothing")
-    with pytest.raises(UserError, match="python -m training.world.teacher --out"):
+    with pytest.raises(UserError, match="python -m experiments.world.teacher --out"):
         parse_config(["--teacher", "demo"])
 
 
@@ -49,7 +49,7 @@ def test_world_data_renders_once_and_trains(tiny_teacher, tmp_path, tiny_args):
 
 def test_shipped_demo_teacher_runs_end_to_end(tmp_path):
     if not (config.DEMO_TEACHER / "model_index.json").is_file():
-        pytest.skip("the demo teacher is not in this checkout (python -m training.world.teacher builds it)")
+        pytest.skip("the demo teacher is not in this checkout (python -m experiments.world.teacher builds it)")
     out = tmp_path / "demo"
     argv = ["--teacher", "demo", "--output", str(out), "--data", "world:8", "--batch-size", "4", "--max-steps", "2",
             "--checkpoint-every", "0", "--validate-every", "2"]

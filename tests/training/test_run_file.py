@@ -75,7 +75,8 @@ def test_missing_run_file_and_missing_teacher(tmp_path, capsys):
         ["--teacher", "model.safetensors"],  # data-free: data stays unset
         ["--teacher", "m.safetensors", "--data", 'shards/{000..009}.tar', "--mode", "lcm", "--lr", "1.5e-05",
          "--w-min", "3", "--name", 'quote " and \\ back\\slash é', "--resume", "latest", "--disc-renoise",
-         "--validation-steps", "1,3", "--mixed-precision", "bf16", "--solver", "noise_strength", "--noise-strength", "0.1"],
+         "--validation-steps", "1,3", "--mixed-precision", "bf16", "--solver", "noise_strength",
+         "--noise-strength", "0.1"],
     ],
 )
 def test_the_written_config_reads_back_to_the_same_config(tmp_path, argv):

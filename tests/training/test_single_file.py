@@ -18,7 +18,7 @@ CHECK = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import original_layout
     from safetensors import safe_open
-    from training.models import load_teacher
+    from training.models import ASSETS, load_teacher
     teacher = load_teacher({path!r})
     loaded = original_layout(teacher.unet, teacher.vae, teacher.text_encoder)
     with safe_open({path!r}, "pt") as f:
@@ -27,6 +27,7 @@ CHECK = textwrap.dedent("""
         bad = [k for k in loaded if not torch.equal(loaded[k], f.get_tensor(k))]
     assert not bad, bad[:5]
     assert teacher.unet.dtype == torch.float32 and teacher.tokenizer.model_max_length == 77
+    assert teacher.scheduler_config == ASSETS / "scheduler"  # a single file samples on the shipped config
     ids = teacher.tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
     assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and len(ids) == 77
     print("OK", len(loaded), sum(p.numel() for p in teacher.unet.parameters()))

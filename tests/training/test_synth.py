@@ -1,9 +1,14 @@
-"""Data-free distillation: the prompt list, prompt files, the image plan, sharding and the resumable cache."""
+"""Data-free distillation: the prompt list, prompt files, the image plan, sharding, the resumable cache and the
+teacher's sampler."""
+
+import dataclasses
+import json
 
 import pytest
 from PIL import Image
 
 from training import synth
+from training.models import ASSETS, load_teacher
 from training.synth_prompts import builtin_prompts, read_prompt_file
 
 
@@ -66,3 +71,18 @@ def test_killed_run_keeps_finished_images_and_the_rerun_fills_only_the_gap(tmp_p
     assert again.calls == 0
     assert (tmp_path / "000005.txt").read_text() == "a dog\n"
     assert Image.open(tmp_path / "000006.png").getpixel((0, 0)) == (6, 0, 0)
+
+
+def test_teacher_pipeline_samples_on_the_teachers_own_schedule(tiny_teacher, tmp_path):
+    teacher = load_teacher(tiny_teacher)
+    assert teacher.scheduler_config == tiny_teacher / "scheduler"
+    shipped = json.loads((ASSETS / "scheduler" / "scheduler_config.json").read_text())
+    # 25 DPM-Solver++ steps over 1000: 'leading' starts at 1000 // 26 * 25 + steps_offset 1, 'linspace' at 999.
+    for spacing, first in (("leading", 951), ("linspace", 999)):
+        folder = tmp_path / spacing
+        folder.mkdir()
+        (folder / "scheduler_config.json").write_text(json.dumps({**shipped, "timestep_spacing": spacing}))
+        pipe = synth.teacher_pipeline(dataclasses.replace(teacher, scheduler_config=folder))
+        pipe.scheduler.set_timesteps(25)
+        assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
+        assert pipe.scheduler.timesteps[0].item() == first

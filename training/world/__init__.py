@@ -1,1 +1,2 @@
-"""The shapes world: a procedural captioned image set, its tiny teacher, and an evaluator."""
+"""The shapes world as a data source: captioned scenes drawn from a seed (`--data world:N`); research on it lives
+in the top-level experiments/world package."""

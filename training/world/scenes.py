@@ -7,10 +7,13 @@ back from the image alone, which is what the evaluator's classifier does.
 """
 
 import json
+import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from ..synth import save_pair
@@ -131,6 +134,24 @@ def sample(index, seed=0):
     rng = random.Random(seed * 1_000_003 + index)
     scene = random_scene(rng)
     return scene, render(scene, rng)
+
+
+def _sample_array(job):
+    scene, image = sample(*job)
+    return scene, np.asarray(image, dtype=np.uint8)
+
+
+def sample_batch(count, seed=0, processes=1):
+    """Images 0..count-1 of the world with `seed` as a uint8 [N, 3, SIZE, SIZE] tensor, and their Scenes
+    (drawn by `processes` forked workers when there are 1000 or more)."""
+    jobs = [(index, seed) for index in range(count)]
+    if processes > 1 and count >= 1000:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            rows = pool.map(_sample_array, jobs, chunksize=500)
+    else:
+        rows = [_sample_array(job) for job in jobs]
+    images = torch.from_numpy(np.stack([pixels for _, pixels in rows])).permute(0, 3, 1, 2).contiguous()
+    return images, [scene for scene, _ in rows]
 
 
 def write_folder(folder, count, seed=0):

@@ -39,10 +39,6 @@ class GaussianMixture:
         noise = torch.randn(n, 2, dtype=torch.float64, generator=generator)
         return self.means[k] + self.stds[k, None] * noise
 
-    def responsibilities(self, x):
-        """Posterior component probabilities p(k | x), [n, K]."""
-        return self._posterior(x.to(torch.float64), 1.0, 0.0)[0]
-
     def _posterior(self, z, alpha, sigma):
         """p(k | z) and the per-component gain, for z = alpha * x0 + sigma * noise."""
         alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from training.experiments import toy2d
-from training.experiments.gmm import GaussianMixture
+from experiments.toy2d import experiment as toy2d
+from experiments.toy2d.mixture import GaussianMixture
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from experiments.world import report
 from training.config import DEMO_TEACHER
-from training.world import report
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from training.world import scenes
 
@@ -75,3 +76,14 @@ def test_write_folder_writes_pairs_and_keeps_existing_files(tmp_path):
     scenes.write_folder(folder, 2, seed=2)  # a smaller run in the same folder reads as 2 pairs
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert rows == [{"file_name": f"{i:06d}.png", "text": scenes.sample(i, seed=2)[0].caption} for i in range(2)]
+
+
+def test_sample_batch_is_the_per_index_samples_stacked_with_or_without_workers():
+    images, drawn = scenes.sample_batch(1000, seed=4)
+    assert images.dtype == torch.uint8 and images.shape == (1000, 3, scenes.SIZE, scenes.SIZE)
+    for index in (0, 1, 517, 999):
+        scene, image = scenes.sample(index, seed=4)
+        assert drawn[index] == scene
+        assert np.array_equal(images[index].permute(1, 2, 0).numpy(), np.asarray(image))
+    forked, forked_scenes = scenes.sample_batch(1000, seed=4, processes=2)
+    assert torch.equal(forked, images) and forked_scenes == drawn

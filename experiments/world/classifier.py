@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import scenes
+from training.world import scenes
 
-DEFAULT_PATH = Path(__file__).resolve().parents[1] / "assets" / "demo_classifier.safetensors"
+DEFAULT_PATH = Path(__file__).resolve().parent / "assets" / "demo_classifier.safetensors"
 NONE = "none"
 CLASSES = {
     "background": tuple(scenes.BACKGROUNDS),
@@ -56,9 +56,8 @@ def to_tensor(images):
 
 def render(count, seed):
     """Images 0..count-1 of world `seed` as a uint8 (N, 3, 64, 64) tensor and their (N, heads) labels."""
-    drawn = [scenes.sample(index, seed) for index in range(count)]
-    array = np.stack([np.asarray(image) for _, image in drawn])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), label_tensor([scene for scene, _ in drawn])
+    images, drawn = scenes.sample_batch(count, seed)
+    return images, label_tensor(drawn)
 
 
 def conv(c_in, c_out, stride):
@@ -164,11 +163,11 @@ def load_classifier(path=DEFAULT_PATH):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no classifier weights at {path}: train them with "
-                         f"`python -m training.world.evaluate train-classifier --out {path}`")
+                         f"`python -m experiments.world.evaluate train-classifier --out {path}`")
     model = Classifier()
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"{path} is not a shapes-world classifier (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}): retrain it with `python -m training.world.evaluate train-classifier`")
+                         f"{unexpected[:3]}): retrain it with `python -m experiments.world.evaluate train-classifier`")
     return model.eval()

@@ -1,15 +1,15 @@
 """Score a folder of generated shapes-world images (+ same-name .txt captions) against real world images.
 
-A small classifier trained on the world (training/world/classifier.py, shipped weights in
-training/assets/demo_classifier.safetensors) gives:
+A small classifier trained on the world (experiments/world/classifier.py, weights in
+experiments/world/assets/demo_classifier.safetensors) gives:
 
 - fd: the Frechet distance between its 128-d penultimate features on the generated and the real set (FID analog);
 - prompt_acc / exact_match: its predicted attributes vs the caption of each generated image, per attribute and
   all-attributes-right (CLIP-score analog);
 - precision, recall, density, coverage: Naeem et al. 2020 on the same features (k = 5), the paper's diversity measure.
 
-    python -m training.world.evaluate score FAKE_FOLDER [--real REAL_FOLDER] [--json out.json]
-    python -m training.world.evaluate train-classifier --out training/assets/demo_classifier.safetensors
+    python -m experiments.world.evaluate score FAKE_FOLDER [--real REAL_FOLDER] [--json out.json]
+    python -m experiments.world.evaluate train-classifier --out experiments/world/assets/demo_classifier.safetensors
 
 Without --real, 1000 real images are rendered in memory from world seed 7 (the report's evaluation seed).
 
@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import classifier, metrics, scenes
+from training.world import scenes
+
+from . import classifier, metrics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 REAL_SEED = 7
@@ -85,7 +87,7 @@ def read_folder(folder, captions=True):
 
 def real_images(count=REAL_COUNT, seed=REAL_SEED):
     """`count` real world images of world `seed`, rendered in memory, as a [-1, 1] tensor."""
-    return classifier.to_tensor([scenes.sample(index, seed)[1] for index in range(count)])
+    return scenes.sample_batch(count, seed)[0].float() / 127.5 - 1
 
 
 def score(model, fake, captions, real, k=5):
@@ -133,7 +135,7 @@ def score_main(args):
 
 def parser():
     """The CLI: `score` and `train-classifier`."""
-    p = argparse.ArgumentParser(prog="python -m training.world.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.world.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score a folder of generated images + captions")

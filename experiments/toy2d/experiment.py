@@ -5,7 +5,7 @@ teacher's solver differs between arms: same seeds, data, t_n, noise, init, steps
 All arms x seeds of one mixture train side by side as one batched ensemble of small MLPs (independent
 parameters, elementwise Adam: the same numbers as separate runs, several times faster on a CPU).
 
-    python -m training.experiments.toy2d [--quick] [--iterations N] [--seeds S] [--output docs]
+    python -m experiments.toy2d [--quick] [--iterations N] [--seeds S] [--output docs]
 """
 
 import argparse
@@ -24,7 +24,7 @@ from scott_core.consistency import consistency_function
 from scott_core.sampling import sample_scott
 from scott_core.solvers import solve
 
-from .gmm import GaussianMixture
+from .mixture import GaussianMixture
 
 AB = schedule.alphas_cumprod()
 DATASETS = {
@@ -347,7 +347,7 @@ def summary(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.toy2d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="ODE vs ER-SDE 5, ring8, 1 seed, 800 iterations")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """The shapes world's tiny teacher: an SD1.5-family pipeline trained from scratch on world scenes, on a CPU.
 
-`python -m training.world.teacher --out training/assets/demo --minutes 45` renders a pool of world images, trains
+`python -m experiments.world.teacher --out training/assets/demo --minutes 45` renders a pool of world images, trains
 a small AutoencoderKL on them (phase 1, ~15% of the budget), encodes the pool once to latents, then trains a small
 UNet2DConditionModel and a CLIP text model from scratch together with SD's epsilon loss on SD's noise schedule
 (phase 2), and saves an fp16 StableDiffusionPipeline folder that `training.models.load_teacher` opens. The CLIP
@@ -10,7 +10,6 @@ in everything but size. Ctrl-C (or SIGTERM) ends the current phase early and sti
 
 import argparse
 import math
-import multiprocessing
 import shutil
 import signal
 import sys
@@ -22,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from scott_core.schedule import alphas_cumprod
-
-from ..models import ASSETS, load_teacher, tokenize
-from . import scenes
+from training.models import ASSETS, load_teacher, tokenize
+from training.synth import teacher_pipeline
+from training.world import scenes
 
 # Sizes of the full teacher and of the seconds-long --quick one (the test's).
 SIZES = {
@@ -135,25 +134,6 @@ def load_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
-
-
-def _render(args):
-    index, seed = args
-    scene, image = scenes.sample(index, seed)
-    return scene.caption, np.asarray(image, dtype=np.uint8)
-
-
-def render_pool(count, seed, processes=2):
-    """World images 0..count-1 as uint8 [N, 3, 64, 64] and their captions."""
-    jobs = [(index, seed) for index in range(count)]
-    if processes > 1 and count >= 1000:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            rows = pool.map(_render, jobs, chunksize=500)
-    else:
-        rows = [_render(job) for job in jobs]
-    captions = [caption for caption, _ in rows]
-    images = torch.from_numpy(np.stack([pixels for _, pixels in rows])).permute(0, 3, 1, 2).contiguous()
-    return images, captions
 
 
 def to_pixels(images):
@@ -306,14 +286,9 @@ def save(out, pipe, readme):
 @torch.no_grad()
 def sample_grid(folder, path, seeds=4, steps=25, cfg=7.5, scale=2):
     """A PNG of the folder's prompts.txt (one row each, `seeds` columns) drawn with DPM-Solver++ 2M."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from PIL import Image, ImageDraw
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False
-    ).to(torch.float32)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = teacher_pipeline(load_teacher(folder))
     prompts = (Path(folder) / "prompts.txt").read_text(encoding="utf-8").split("\n")
     prompts = [p for p in prompts if p.strip()]
     side, label = scenes.SIZE * scale, 360
@@ -345,7 +320,7 @@ def describe(args, size, models, phases, scale, mb):
     (vae_losses, vae_s), (unet_losses, unet_s) = phases
     tail = lambda losses: f"{np.mean(losses[-200:]):.4f}" if losses else "n/a"  # noqa: E731
     counts = ", ".join(f"{name} {param_count(module) / 1e6:.2f} M" for name, module in models.items())
-    command = f"python -m training.world.teacher --out {args.out} --minutes {args.minutes:g} --lr {args.lr:g}"
+    command = f"python -m experiments.world.teacher --out {args.out} --minutes {args.minutes:g} --lr {args.lr:g}"
     command += f" --seed {args.seed}" + (" --quick" if args.quick else "")
     return f"""# Shapes-world demo teacher
 
@@ -370,7 +345,7 @@ Made by `{command}` (`torch.set_num_threads({torch.get_num_threads()})`).
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.world.teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the diffusers folder to write (e.g. training/assets/demo)")
     parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of both training phases")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet and text encoder")
@@ -400,7 +375,8 @@ def main(argv=None):
     total = sum(param_count(m) for m in models.values())
     print(", ".join(f"{k} {param_count(m) / 1e6:.2f} M" for k, m in models.items()), f"({2 * total / 1e6:.1f} MB fp16)")
 
-    images, captions = render_pool(size["pool"], args.seed)
+    images, drawn = scenes.sample_batch(size["pool"], args.seed, processes=2)
+    captions = [scene.caption for scene in drawn]
     print(f"rendered {len(captions)} images, {len(set(captions))} distinct captions", flush=True)
     remaining = lambda: None if seconds is None else max(1.0, seconds - (time.monotonic() - started))  # noqa: E731
     vae_phase = train_vae(vae, images, seconds and VAE_FRACTION * seconds, max_steps, size["vae_batch"], seed=args.seed)

@@ -7,7 +7,8 @@ radii); `prompt_accuracy` compares predicted attributes with the ones a caption 
 
 import torch
 
-from . import scenes
+from training.world import scenes
+
 from .classifier import HEADS, label_tensor
 
 

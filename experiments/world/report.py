@@ -1,8 +1,8 @@
 """The shapes-world report: teacher vs LCM-mode vs SCott LoRAs (with and without the adversarial loss) at 1/2/4 steps.
 
-`python -m training.world.report --out runs/world_report --seeds 0 1 2` distills one LoRA per (arm, seed) from the
+`python -m experiments.world.report --out runs/world_report --seeds 0 1 2` distills one LoRA per (arm, seed) from the
 demo teacher with `python -m training.distill --teacher demo` (the same budget for every arm), samples the same
-captions with the same seeds for every row, scores each set with training.world.evaluate against real world images,
+captions with the same seeds for every row, scores each set with experiments.world.evaluate against real world images,
 and writes a markdown table (mean +- std over seeds), a JSON of every number and one PNG strip per row.
 """
 
@@ -16,12 +16,11 @@ import torch
 from PIL import Image
 
 from scott_core.schedule import alphas_cumprod
-
-from ..config import demo_teacher
-from ..models import tokenize
-from ..synth import save_pair
-from ..validation import consistency_sample, decode
-from . import scenes
+from training.config import demo_teacher
+from training.models import load_teacher, tokenize
+from training.synth import save_pair, teacher_pipeline
+from training.validation import consistency_sample, decode
+from training.world import scenes
 
 ARMS = {
     "lcm": ["--mode", "lcm"],
@@ -48,17 +47,9 @@ def distill(arm, seed, out, max_steps, train_images):
 
 
 def load_pipeline(lora=None):
-    """The demo teacher as a StableDiffusionPipeline (fp32, CPU), with `lora` loaded if given."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(demo_teacher()), local_files_only=True, dtype=torch.float32, safety_checker=None,
-        requires_safety_checker=False,
-    )
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
-    pipe.set_progress_bar_config(disable=True)
+    """The demo teacher's DPM-Solver++ 2M pipeline (training.synth.teacher_pipeline; fp32, CPU), with `lora` loaded
+    if given."""
+    pipe = teacher_pipeline(load_teacher(demo_teacher()))
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe
@@ -193,7 +184,7 @@ def run_report(out, seeds, max_steps, n_eval, docs, train_images=4000):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m training.world.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.world.report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/world_report", help="work folder: LoRAs, generated sets")
     parser.add_argument("--docs", default="docs", help="where the table, JSON and PNG strips go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")

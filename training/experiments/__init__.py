@@ -1,1 +1,0 @@
-"""Experiments that test SCott's claims on problems whose answer is known."""
