@@ -35,7 +35,8 @@ def build_parser():
     add("--cfg", type=float, default=None, help="guidance of the LoRA rows (1 = no negative prompt); default: the "
         "LoRA's metadata, else 1")
     add("--n", type=int, default=None, help="images per set (default 5000)")
-    add("--resolution", type=int, default=None, help="generation resolution in pixels (default 512)")
+    add("--resolution", type=int, default=None, help="generation resolution in pixels (default 512; 64 for the demo "
+        "teacher)")
     add("--seed", type=int, default=0, help="image i uses seed + i")
     add("--out", required=True, metavar="DIR", help="output: images/<set>/ (the cache), results.json, results.md, "
         "grid.png")
@@ -57,9 +58,11 @@ def build_parser():
 def resolve(args):
     """argparse namespace -> EvalOptions (protocol defaults, prompts and real images read), or a UserError."""
     from .coco import COCO_N, COCO_RESOLUTION, coco_pairs
-    from .config import demo_teacher
+    from .config import DEMO_DEFAULTS, demo_teacher
     from .evaluation import EvalOptions, image_files
     from .synth_prompts import read_prompt_file
+
+    DEMO_RESOLUTION = DEMO_DEFAULTS["resolution"]
 
     positive = {"--n": args.n, "--resolution": args.resolution, "--k": args.k, "--batch-size": args.batch_size,
                 "--teacher-steps": args.teacher_steps, "--grid-prompts": args.grid_prompts}
@@ -69,7 +72,8 @@ def resolve(args):
     if min(args.steps) < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     n = args.n or (COCO_N if args.protocol else 5000)
-    resolution = args.resolution or (COCO_RESOLUTION if args.protocol else 512)
+    resolution = args.resolution or (COCO_RESOLUTION if args.protocol else DEMO_RESOLUTION if args.teacher == "demo"
+                                     else 512)
     if args.protocol:
         if args.prompts or not (args.real and args.captions):
             raise UserError("--protocol coco2017-5k takes --real VAL2017_FOLDER and --captions "

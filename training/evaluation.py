@@ -28,7 +28,6 @@ from .validation import decode, grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SET_FILE = "set.json"
-METRIC_COLUMNS = ("fid", "clip_score", "precision", "recall", "density", "coverage")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ INCEPTION_SIZE = 299
 
 
 def check_inception_file(path):
-    """Raise a one-line UserError unless `path` is a file (the FID Inception weights)."""
+    """Raise a one-line UserError unless pytorch-fid is installed and `path` is a file (the FID Inception weights)."""
+    require_pytorch_fid()
     if path is None or not Path(path).is_file():
         raise UserError(
             f"--inception: no file at {path}; put {INCEPTION_FILE} (the FID Inception-v3 weights, usually taken "
@@ -52,10 +53,21 @@ def check_clip_folder(path):
         )
 
 
+def require_pytorch_fid():
+    """pytorch_fid.inception, or a one-line UserError saying how to install it."""
+    try:
+        from pytorch_fid import inception
+    except ImportError:
+        raise UserError("FID needs the pytorch-fid package: pip install pytorch-fid (or this package's [eval] "
+                        "extra)") from None
+    return inception
+
+
 def fid_inception_v3():
     """The FID Inception-v3 architecture with random weights: torchvision's Inception with pytorch-fid's FID blocks."""
-    from pytorch_fid import inception as fid
     from torchvision.models import inception_v3
+
+    fid = require_pytorch_fid()
 
     net = inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
     net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
