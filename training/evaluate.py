@@ -34,7 +34,8 @@ def build_parser():
         "else 1")
     add("--cfg", type=float, default=None, help="guidance of the LoRA rows (1 = no negative prompt); default: the "
         "LoRA's metadata, else 1")
-    add("--n", type=int, default=None, help="images per set (default 5000)")
+    add("--n", "--num-images", dest="n", type=int, default=None, help="images per set (default 5000); under "
+        "torchrun / accelerate launch write --num-images (their own flags swallow an abbreviation like --n)")
     add("--resolution", type=int, default=None, help="generation resolution in pixels (default 512; 64 for the demo "
         "teacher)")
     add("--seed", type=int, default=0, help="image i uses seed + i")
