@@ -381,6 +381,8 @@ def generate_sets(opts, sets, loras, teacher, items, accelerator):
     for eval_set in sets:
         folder = Path(opts.out) / "images" / eval_set.name
         lora = by_path.get(eval_set.lora)
+        if accelerator.is_main_process:
+            print(f"{eval_set.name}: drawing the missing of {len(items)} images into {folder}")
         with merged(teacher, lora) if lora else contextlib.nullcontext():
             generate = set_generator(eval_set, teacher, opts.resolution, accelerator.device)
             mine = shard(items, accelerator.process_index, accelerator.num_processes)
