@@ -13,12 +13,9 @@ experiments/world/assets/demo_classifier.safetensors) gives:
 
 Without --real, 1000 real images are rendered in memory from world seed 7 (the report's evaluation seed).
 
-Real FID / CLIP score (optional, documentation only). The numbers above are analogs that need no downloaded
-weights. Users with local Inception or CLIP weights on a GPU can score the same folders with the real metrics,
-e.g. `torchmetrics.image.fid.FrechetInceptionDistance(feature_extractor_weights_path=...)` or clean-fid with a local
-Inception file, and `torchmetrics.multimodal.CLIPScore(model_name_or_path=<local CLIP folder>)`. This package never
-downloads weights at run time; 64 px shapes are far from ImageNet, so the world's own classifier is the primary
-measure and real FID/CLIP are a cross-check only.
+Real FID / CLIP score: `python -m training.evaluate` (the product's evaluator, local Inception and CLIP weights)
+computes them for any LoRA, with the same Frechet / PRDC code (training.metrics). 64 px shapes are far from
+ImageNet, so the world's own classifier is the primary measure here and real FID/CLIP a cross-check only.
 """
 
 import argparse
