@@ -1,4 +1,5 @@
-"""Validation grids: fixed prompts x {1, 2, 4} steps from scott_core's sampler with the student LoRA."""
+"""Validation: prompt lines with kohya-style options, the grids (prompts x {1, 2, 4} steps from scott_core's sampler
+with the student LoRA), and keep-best's held-out consistency loss."""
 
 import dataclasses
 import json
