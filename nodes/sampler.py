@@ -144,10 +144,15 @@ class ScottScheduler(io.ComfyNode):
             node_id="ScottScheduler",
             display_name="SCott Scheduler",
             category=CATEGORY,
-            description="Sigmas at LCM's timesteps (e.g. 2 steps: 999, 499), or at your own timestep list.",
+            description="Sigmas at LCM's timesteps (e.g. 2 steps: 999, 499), or at your own timestep list. Steps "
+            "0 (the default) = from the LoRA: the scott.steps metadata SCott LoRA Loader read, else 2; the value "
+            "used is logged.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5-family model being sampled (checks its family)."),
-                steps_input(),
+                io.Model.Input(
+                    "model", tooltip="The SD1.5-family model being sampled (checks its family; carries the LoRA's "
+                    "settings from SCott LoRA Loader)."
+                ),
+                steps_input(from_lora_allowed=True),
                 denoise_input(),
                 io.String.Input(
                     "timesteps",
@@ -164,6 +169,10 @@ class ScottScheduler(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps, denoise, timesteps="") -> io.NodeOutput:
         check_sd15(model, "SCott Scheduler")
+        if not (timesteps or "").strip():  # an explicit timestep list overrides steps: nothing to resolve
+            used, sources = resolve_settings({"steps": steps}, model.model_options)
+            log_settings("SCott Scheduler", used, sources)
+            steps = used["steps"]
         return io.NodeOutput(scott_sigmas(steps, denoise, timesteps or ""))
 
 

@@ -26,8 +26,9 @@ def to_kohya(peft_sd, alpha):
     return {k: v.contiguous() for k, v in lora_format.to_kohya(peft_sd, meta).items()}
 
 
-def metadata(cfg, teacher_name, teacher_sha256):
-    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob), how to sample."""
+def metadata(cfg, teacher_name, teacher_sha256, step=None):
+    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob), how to sample,
+    and (given) the optimiser step it was taken at."""
     values = {
         "scott.format": "1",
         "scott.base_model": teacher_name,
@@ -45,6 +46,7 @@ def metadata(cfg, teacher_name, teacher_sha256):
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.title": cfg.name,
+        **({"scott.step": step} if step is not None else {}),
     }
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
     return {
@@ -53,14 +55,15 @@ def metadata(cfg, teacher_name, teacher_sha256):
     }
 
 
-def export_lora(unet, cfg, teacher_name, teacher_sha256, path):
-    """Write the student LoRA to `path` atomically (temp + rename); returns the kohya state dict."""
+def export_lora(unet, cfg, teacher_name, teacher_sha256, path, step=None):
+    """Write the student LoRA to `path` atomically (temp + rename), `step` in its metadata; returns the kohya
+    state dict."""
     from safetensors.torch import save_file
 
     state = to_kohya(peft_state_dict(unet), cfg.lora_alpha)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata(cfg, teacher_name, teacher_sha256))
+    save_file(state, str(tmp), metadata=metadata(cfg, teacher_name, teacher_sha256, step))
     os.replace(tmp, path)
     return state

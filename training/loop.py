@@ -31,7 +31,7 @@ from .models import (
 from .sources import ImageFolder, World
 from .step import SCottStep, draw
 from .synth import synthesize_run
-from .validation import read_prompts, validation_grid
+from .validation import HeldOut, KeepBest, heldout_loss, read_prompts, validation_grid
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -228,24 +228,55 @@ def validate(run, step, prompts):
     """Write output/validation/step_N.png on the main process."""
     if not run.accelerator.is_main_process:
         return None
-    cfg, unet = run.cfg, run.unet
-    vae_scale = 2 ** (len(run.teacher.vae.config.block_out_channels) - 1)
-    latent = cfg.resolution // vae_scale
-    shape = (unet.config.in_channels, latent, latent)
+    cfg = run.cfg
     path = Path(cfg.output) / "validation" / f"step_{step:07d}.png"
     with run.accelerator.autocast():
         validation_grid(
-            unet,
+            run.unet,
             run.teacher.vae,
-            encode_text(run, prompts),
+            encode_text(run, [line.prompt for line in prompts]),
+            encode_text(run, [line.negative for line in prompts]),
+            prompts,
             cfg.validation_step_counts(),
             alphas_cumprod(),
-            shape,
+            cfg.resolution,
             path,
             gamma=cfg.recommended_gamma,
             seed=cfg.seed,
         )
     return path
+
+
+HELDOUT_SEED = 7_654_321  # the held-out batch's generators: --seed + this (latent sample, draws), + 1 (teacher)
+
+
+def heldout_batch(run):
+    """The keep-best batch: the data stream's first micro-batch (process 0's share), its latents and the step's
+    draws from seeds of their own; the same in a resumed run."""
+    cfg = run.cfg
+    (batch,), _ = take_micro_batches(data_batches(run, 0), 1)
+    generator = torch.Generator().manual_seed(cfg.seed + HELDOUT_SEED)
+    z0 = encode_images(run, batch["pixels"], generator)
+    cond = encode_text(run, batch["captions"])
+    return HeldOut(z0, cond, draw(z0, run.grid, cfg, generator), cfg.seed + HELDOUT_SEED + 1)
+
+
+def keep_best(run, step, held, keeper):
+    """At a validation: the held-out consistency loss to the log and TensorBoard (val/cd_loss); a new lowest is
+    exported as <output>/<name>_best.safetensors. Main process only; returns the loss."""
+    if not run.accelerator.is_main_process:
+        return None
+    cfg = run.cfg
+    with run.accelerator.autocast():
+        loss = heldout_loss(run.accelerator.unwrap_model(run.model), held, run.uncond)
+    if run.accelerator.log_with:
+        run.accelerator.log({"val/cd_loss": loss}, step=step)
+    if keeper.improves(loss):
+        best = Path(cfg.output) / f"{cfg.name}_best.safetensors"
+        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, best, step=step)
+        keeper.record(step, loss)
+    log.info("step %d: held-out consistency loss %.6g (best %.6g at step %s)", step, loss, keeper.loss, keeper.step)
+    return loss
 
 
 def train(cfg):
@@ -258,6 +289,8 @@ def train(cfg):
     ckpt_dir = output / "checkpoints"
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
     step = checkpoint.load(accelerator, resume) if resume else 0
+    held = heldout_batch(run) if cfg.validate_every and accelerator.is_main_process else None
+    keeper = KeepBest.open(output / "best.json", resume)
     if accelerator.is_main_process:
         cfg.save(output / "config.toml")
         log.info(
@@ -296,11 +329,12 @@ def train(cfg):
                 last_good = [checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)]
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 validate(run, step, prompts)
+                keep_best(run, step, held, keeper)
     finally:
         progress.close()
     path = output / f"{cfg.name}.safetensors"
     if accelerator.is_main_process:
-        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path)
+        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path, step=step)
         log.info(
             "%d steps in %.1f s; %d unreadable images skipped; LoRA written to %s",
             step,

@@ -1,5 +1,11 @@
-"""Validation grids: fixed prompts x {1, 2, 4} steps from scott_core's sampler with the student LoRA."""
+"""Validation: prompt lines with kohya-style options, the grids (prompts x {1, 2, 4} steps from scott_core's sampler
+with the student LoRA), and keep-best's held-out consistency loss."""
 
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -7,8 +13,11 @@ from PIL import Image
 
 from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import lcm_timesteps
+from scott_core.solvers import cfg_combine
 
+from .errors import UserError
 from .models import STUDENT, using
+from .step import Draws
 
 DEFAULT_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -18,16 +27,86 @@ DEFAULT_PROMPTS = (
 )
 
 
-def read_prompts(path):
-    """The prompts of a text file, one a line (blank lines ignored); the built-in four for None."""
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        from .config import UserError
+@dataclass(frozen=True)
+class PromptLine:
+    """One validation prompt and its per-line settings (kohya sd-scripts' sample-prompt options); None = the
+    run's default: --validation-steps' columns, cfg 1 (no guidance), seed --seed + row, --resolution, the
+    LoRA's recommended gamma."""
 
+    prompt: str
+    negative: str = ""
+    steps: int | None = None
+    cfg: float = 1.0
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    gamma: float | None = None
+
+
+def _number(kind, check):
+    def parse(text):
+        value = kind(text)
+        if not check(value):
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+# kohya's letters (library/train_util.py line_to_prompt_dict) plus g = gamma: option -> (field, parser, what).
+PROMPT_OPTIONS = {
+    "n": ("negative", str, "a negative prompt"),
+    "s": ("steps", _number(int, lambda v: 1 <= v <= 50), "an integer in 1..50"),
+    "l": ("cfg", _number(float, lambda v: 0 < v < math.inf), "a number > 0"),
+    "d": ("seed", _number(int, lambda v: v >= 0), "an integer >= 0"),
+    "w": ("width", _number(int, lambda v: v > 0 and v % 8 == 0), "a positive multiple of 8"),
+    "h": ("height", _number(int, lambda v: v > 0 and v % 8 == 0), "a positive multiple of 8"),
+    "g": ("gamma", _number(float, lambda v: 0 <= v <= 1), "a number in [0, 1]"),
+}
+
+
+def parse_prompt_line(line):
+    """'a red apple --n blurry --s 2 --l 1.5 --d 42 --w 512 --h 768 --g 0.5' -> PromptLine. kohya's syntax: the
+    options split off at ' --', each a letter, a space and its value (the last one of a letter wins). A bad
+    option is a ValueError naming it."""
+    prompt, *options = (" " + line.strip()).split(" --")
+    if not prompt.strip():
+        raise ValueError("no prompt before the options")
+    values = {}
+    for option in options:
+        letter, _, text = option.strip().partition(" ")
+        if letter.lower() not in PROMPT_OPTIONS:
+            known = ", ".join(f"--{k}" for k in PROMPT_OPTIONS)
+            raise ValueError(f"unknown option --{letter} (the options are {known})")
+        field, parse, what = PROMPT_OPTIONS[letter.lower()]
+        try:
+            values[field] = parse(text.strip())
+        except ValueError:
+            raise ValueError(f"--{letter} must be {what}, got {text.strip()!r}") from None
+    return PromptLine(prompt.strip(), **values)
+
+
+def read_prompts(path):
+    """The PromptLines of a text file, one a line (blank lines and '#' comments skipped); the built-in four for
+    None. A malformed line is a UserError naming the file and the line number."""
+    if path is None:
+        return [PromptLine(prompt) for prompt in DEFAULT_PROMPTS]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--validation-prompts {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--validation-prompts {path} cannot be read as UTF-8 text") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.strip().startswith("#"):
+            try:
+                lines.append(parse_prompt_line(line))
+            except ValueError as exc:
+                raise UserError(f"--validation-prompts {path} line {number}: {exc}") from None
+    if not lines:
         raise UserError(f"--validation-prompts {path} has no prompts")
-    return prompts
+    return lines
 
 
 @torch.no_grad()
@@ -57,23 +136,125 @@ def decode(vae, latents):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+@torch.no_grad()
+def guided_sample(unet, cond, uncond, cfg, z, steps, alphas_cumprod, gamma, generator):
+    """consistency_sample with classifier-free guidance as the nodes apply it: eps = eps(uncond) + cfg
+    (eps(cond) - eps(uncond)), one UNet call on [cond, uncond]; cfg 1 is consistency_sample itself."""
+    if cfg == 1:
+        return consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator)
+
+    def eps_fn(x, t):
+        both = unet(torch.cat([x, x]), torch.cat([t, t]).to(x.device), encoder_hidden_states=torch.cat([cond, uncond]))
+        e_cond, e_uncond = both.sample.float().chunk(2)
+        return cfg_combine(e_cond, e_uncond, cfg - 1)
+
+    denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
+    return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
+
+
+@torch.no_grad()
+def sample_row(unet, cond, uncond, steps, cfg, alphas_cumprod, latent_shape, gamma, seed):
+    """Student samples (clean latents [1, C, h, w]) of one prompt line, its noise and re-noise from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn((cond.shape[0], *latent_shape), generator=generator).to(cond.device)
+    with using(unet, STUDENT):
+        return guided_sample(unet, cond, uncond, cfg, z, steps, alphas_cumprod, gamma, generator)
+
+
+def row_settings(line, row, step_counts, resolution, gamma, seed):
+    """(step counts, cfg, gamma, seed, (height, width)) of prompt line number `row`: its options over the run's."""
+    return (
+        [line.steps] if line.steps is not None else list(step_counts),
+        line.cfg,
+        gamma if line.gamma is None else line.gamma,
+        seed + row if line.seed is None else line.seed,
+        (line.height or resolution, line.width or resolution),
+    )
+
+
 def grid(rows):
-    """rows[i][j] uint8 HWC images -> one PIL image (rows = prompts, columns = step counts)."""
-    height, width = rows[0][0].shape[:2]
-    canvas = Image.new("RGB", (width * len(rows[0]), height * len(rows)))
+    """rows[i][j] uint8 HWC images -> one PIL image; a cell is as large as the largest image (smaller ones sit in
+    its top-left corner), a row shorter than the longest leaves its last cells black."""
+    height = max(image.shape[0] for row in rows for image in row)
+    width = max(image.shape[1] for row in rows for image in row)
+    canvas = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)))
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             canvas.paste(Image.fromarray(image.numpy()), (j * width, i * height))
     return canvas
 
 
-def validation_grid(unet, vae, cond, step_counts, alphas_cumprod, latent_shape, path, gamma=1.0, seed=0):
-    """Write the PNG grid prompts x step_counts to `path`; returns the grid image."""
-    columns = [
-        decode(vae, sample_latents(unet, cond, k, alphas_cumprod, latent_shape, gamma, seed))
-        for k in step_counts
-    ]
-    image = grid([[column[i] for column in columns] for i in range(cond.shape[0])])
+def validation_grid(unet, vae, cond, uncond, lines, step_counts, alphas_cumprod, resolution, path, gamma=1.0, seed=0):
+    """Write the PNG grid to `path`, one row per PromptLine (cond / uncond: its prompt's and negative's
+    embeddings): a line's --s renders that step count, others the step_counts; returns the grid image."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    rows = []
+    for i, line in enumerate(lines):
+        counts, cfg, row_gamma, row_seed, (height, width) = row_settings(
+            line, i, step_counts, resolution, gamma, seed
+        )
+        shape = (unet.config.in_channels, height // scale, width // scale)
+        c, u = cond[i : i + 1], uncond[i : i + 1]
+        rows.append(
+            [decode(vae, sample_row(unet, c, u, k, cfg, alphas_cumprod, shape, row_gamma, row_seed))[0] for k in counts]
+        )
+    image = grid(rows)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return image
+
+
+@dataclass
+class HeldOut:
+    """The fixed batch of the held-out consistency loss: latents, caption embeddings and the training step's draws;
+    the teacher's SDE noise restarts from `teacher_seed` at every evaluation, so a fixed LoRA gives a fixed loss."""
+
+    z0: torch.Tensor
+    cond: torch.Tensor
+    draws: Draws
+    teacher_seed: int
+
+    def fresh_draws(self):
+        """The draws with the teacher's generator reset."""
+        return dataclasses.replace(self.draws, generator=torch.Generator().manual_seed(self.teacher_seed))
+
+
+@torch.no_grad()
+def heldout_loss(model, held, uncond):
+    """The SCott step's own consistency loss ('cd') on the held-out batch, in eval mode without grad: the one call
+    into the training step (model: the unwrapped SCottStep)."""
+    training = model.training
+    model.eval()
+    try:
+        return model(held.z0, held.cond, uncond, held.fresh_draws())["cd"].item()
+    finally:
+        model.train(training)
+
+
+@dataclass
+class KeepBest:
+    """The lowest held-out loss so far and its step, kept in a small JSON file that a resumed run reads back."""
+
+    path: Path
+    loss: float = math.inf
+    step: int | None = None
+
+    @classmethod
+    def open(cls, path, resume):
+        """The record at `path` when resuming; a fresh run starts with none (an old file is overwritten)."""
+        path = Path(path)
+        if resume and path.is_file():
+            record = json.loads(path.read_text())
+            return cls(path, float(record["cd_loss"]), int(record["step"]))
+        return cls(path)
+
+    def improves(self, loss):
+        """Whether `loss` is below the best so far (NaN never is)."""
+        return loss < self.loss
+
+    def record(self, step, loss):
+        """Make (step, loss) the best and write the file (temp + rename)."""
+        self.loss, self.step = loss, step
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "cd_loss": loss}) + "\n")
+        os.replace(tmp, self.path)
