@@ -8,7 +8,7 @@ from PIL import Image
 from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import lcm_timesteps
 
-from .models import STUDENT, using
+from .models import STUDENT, unet_eps_fn, using
 
 DEFAULT_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -33,11 +33,7 @@ def read_prompts(path):
 @torch.no_grad()
 def consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator):
     """Clean latents from noise `z` in `steps` LCM-grid steps of the UNet's active LoRA (no CFG)."""
-
-    def eps_fn(x, t):
-        return unet(x, t.to(x.device), encoder_hidden_states=cond).sample.float()
-
-    denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
+    denoiser = consistency_denoiser(unet_eps_fn(unet, cond), alphas_cumprod)
     return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
 
 
