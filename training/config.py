@@ -11,7 +11,7 @@ from pathlib import Path
 from scott_core.solvers import SOLVERS
 
 MODES = ("scott", "lcm")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 # What each mode means for the fields left unset (None): SCott (METHOD.md 2-4), vanilla CD (LCM).
 MODE_DEFAULTS = {
@@ -137,9 +137,16 @@ class DistillConfig:
     resolution: int = _opt(512, "training resolution in pixels (resize of the short side + center crop)")
     caption_dropout: float = _opt(0.1, "probability a sample's caption is replaced by the empty caption")
     mixed_precision: str = _opt(
-        "no", "autocast precision of the UNet passes (bf16 also works on CPUs)", choices=MIXED_PRECISION
+        "auto",
+        "autocast precision of the UNet passes and of data-free synthesis; auto = bf16 on a CUDA GPU that has "
+        "it, else fp16 on CUDA, no (fp32) on a CPU (bf16 also works on CPUs)",
+        choices=MIXED_PRECISION,
     )
-    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in backward to save memory")
+    gradient_checkpointing: bool = _opt(
+        None,
+        "recompute UNet activations in backward to save memory (every pass, the discriminator's included); "
+        "default: on with CUDA, off on a CPU",
+    )
     checkpoint_every: int = _opt(
         500, "write a resumable checkpoint every N optimiser steps (0: only at the end)"
     )
@@ -174,6 +181,7 @@ class DistillConfig:
         for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
+        values.update(hardware_defaults(values["mixed_precision"], values["gradient_checkpointing"]))
         if values["lora_alpha"] is None:
             values["lora_alpha"] = float(values["lora_rank"])
         if values["name"] is None:
@@ -231,6 +239,28 @@ class DistillConfig:
     def save(self, path):
         """Write the config as JSON (the resolved config beside a run's outputs)."""
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+
+
+def uses_cuda():
+    """True where the run will train on a CUDA GPU (accelerate's ACCELERATE_USE_CPU forces the CPU)."""
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
+def hardware_defaults(mixed_precision, gradient_checkpointing):
+    """'auto' precision and unset checkpointing resolved for this machine: bf16 (fp16 without bf16) and
+    checkpointing on with CUDA, fp32 and no checkpointing on a CPU."""
+    cuda = uses_cuda()
+    if mixed_precision == "auto":
+        import torch
+
+        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if gradient_checkpointing is None:
+        gradient_checkpointing = cuda
+    return {"mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing}
 
 
 def demo_teacher():

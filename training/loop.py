@@ -15,6 +15,7 @@ from . import checkpoint
 from .config import WORLD_PREFIX, UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
+from .memory import OutOfMemory, out_of_memory_message
 from .models import (
     ASSETS,
     DISC,
@@ -251,7 +252,10 @@ def train(cfg):
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg.validation_prompts) if cfg.validate_every else []
-    run = build(cfg)
+    try:
+        run = build(cfg)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(cfg, None, None)) from None
     accelerator = run.accelerator
     ckpt_dir = output / "checkpoints"
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
@@ -281,6 +285,8 @@ def train(cfg):
                 raise TrainingDiverged(
                     f"{exc}; last good checkpoint: {last_good[0] or 'none written yet'}"
                 ) from None
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(out_of_memory_message(cfg, step, last_good[0])) from None
             step += 1
             lr = run.scheduler.get_last_lr()[0]
             progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=skipped)

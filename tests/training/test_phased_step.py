@@ -100,7 +100,6 @@ def test_checkpointing_gives_the_same_gradients_in_every_pass(trained_run):
         recomputed, _ = phased_grads(run, batch, student + disc)
     finally:
         run.unet.disable_gradient_checkpointing()
-    assert any(getattr(m, "gradient_checkpointing", False) for m in run.unet.up_blocks) is False
     for a, b in zip(plain, recomputed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert any(g.abs().max() > 0 for g in recomputed[len(student):])
