@@ -291,6 +291,8 @@ def _metavar(name, kind):
 def _default_text(f):
     if f.metadata.get("required"):
         return " (required)"
+    if f.name == "gradient_checkpointing":
+        return " (default: auto)"
     if f.default is None and f.name == "data":
         return " (default: the built-in prompt list, data-free)"
     if f.name in MODE_DEFAULTS["scott"]:
