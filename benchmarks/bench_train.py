@@ -4,6 +4,14 @@ baseline (a separate frozen teacher copy), on a tiny SD-family UNet or a random 
     python benchmarks/bench_train.py --model tiny
     python benchmarks/bench_train.py --model sd15 --resolution 64 --batch-size 4 --mixed-precision bf16
     python benchmarks/bench_train.py --model sd15 --resolution 512 --batch-size 8 --mixed-precision bf16
+    python benchmarks/bench_train.py --estimate-memory --model sd15 --resolution 512 --batch-size 8 \
+        --mixed-precision bf16
+    python benchmarks/bench_train.py --measure --model sd15 --resolution 512 --batch-size 8 --mixed-precision bf16
+
+--estimate-memory runs the trainer's own step on fake tensors (benchmarks/memory.py) and prints one JSON line per
+configuration (scott and lcm, each without and with gradient checkpointing, and the data-free sampler): the
+estimated GPU peak in GiB, per phase, and the step's FLOPs. --measure runs the same on a CUDA GPU with random
+weights and prints torch.cuda.max_memory_allocated / max_memory_reserved.
 
 Each (mode, design) runs in its own process so that peak memory (RSS on the CPU, max allocated on CUDA) is
 its own. Random weights and inputs: the figures measure compute and memory, not quality. VAE and text encoder
@@ -25,39 +33,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.memory import estimate, measure, sd15_components, tiny_components  # noqa: E402
 from scott_core.schedule import alphas_cumprod, training_grid  # noqa: E402
 from training.config import DistillConfig  # noqa: E402
-from training.models import ASSETS, DiscriminatorHead, add_adapters, up_block_channels  # noqa: E402
-from training.step import SCottStep, draw  # noqa: E402
-
-
-def tiny_components():
-    """A tiny SD-family UNet (cross-attention 32) with a matching tiny VAE and text encoder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet = UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4))
-    return unet, vae, text, 32, 2
-
-
-def sd15_components():
-    """Random full-size SD1.5 UNet, VAE and CLIP-L text encoder from the shipped configs."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(ASSETS / "unet")))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(ASSETS / "vae")))
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(ASSETS / "text_encoder")))
-    return unet, vae, text, 768, 8
+from training.models import (  # noqa: E402
+    DiscriminatorHead,
+    add_adapters,
+    enable_checkpointing,
+    guided_eps_fn,
+    up_block_channels,  # noqa: E402
+)
+from training.step import SCottStep, draw, scott_backward  # noqa: E402
 
 
 class TwoUNetStep(SCottStep):
@@ -68,15 +54,7 @@ class TwoUNetStep(SCottStep):
         self.__dict__["teacher_unet"] = teacher_unet  # not a submodule: frozen, outside the optimiser
 
     def teacher_eps_fn(self, cond, uncond, w):
-        from scott_core.solvers import cfg_combine
-
-        def eps_fn(z, t):
-            out = self.teacher_unet(torch.cat([z, z]), torch.cat([t, t]).to(z.device),
-                                    encoder_hidden_states=torch.cat([cond, uncond])).sample.float()
-            e_cond, e_uncond = out.chunk(2)
-            return cfg_combine(e_cond, e_uncond, w.to(z.device))
-
-        return eps_fn
+        return guided_eps_fn(self.teacher_unet, cond, uncond, w)
 
 
 def peak_memory_gb(device):
@@ -98,7 +76,7 @@ def worker(args):
     teacher_unet = copy.deepcopy(unet) if args.design == "two-unet" else None
     add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if cfg.adv_weight > 0 else None)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        enable_checkpointing(unet)
     unet.to(device)
     head = DiscriminatorHead(up_block_channels(unet)).to(device) if cfg.adv_weight > 0 else None
     ab = alphas_cumprod()
@@ -124,8 +102,7 @@ def worker(args):
         cond = torch.randn(args.batch_size, 77, dim, generator=generator).to(device)
         uncond = torch.randn(1, 77, dim, generator=generator).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            losses = model(z0, cond, uncond, draw(z0, grid, cfg, generator))
-        losses["loss"].backward()
+            scott_backward(model, z0, cond, uncond, draw(z0, grid, cfg, generator))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -152,6 +129,20 @@ def worker(args):
     }))
 
 
+MEMORY_CONFIGS = (("scott", False), ("scott", True), ("lcm", False), ("lcm", True), ("synth", False))
+
+
+def memory_table(args):
+    """One JSON line per configuration: the fake-tensor estimate, or (--measure) the CUDA measurement."""
+    if args.measure and not torch.cuda.is_available():
+        sys.exit("error: --measure needs a CUDA GPU; use --estimate-memory on this machine")
+    run = measure if args.measure else estimate
+    for config, checkpointing in MEMORY_CONFIGS:
+        started = time.perf_counter()
+        result = run(config, args.model, args.resolution, args.batch_size, args.mixed_precision, checkpointing)
+        print(json.dumps({**result, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -164,8 +155,12 @@ def main():
     parser.add_argument("--mode", choices=("scott", "lcm"), help="(worker) one mode")
     parser.add_argument("--design", choices=("one-unet", "two-unet"), help="(worker) one design")
     parser.add_argument("--configs", default="scott/one-unet,lcm/one-unet,scott/two-unet,lcm/two-unet")
+    parser.add_argument("--estimate-memory", action="store_true", help="GPU peak and FLOPs on fake tensors")
+    parser.add_argument("--measure", action="store_true", help="GPU peak of the same configurations on CUDA")
     args = parser.parse_args()
     args.resolution = args.resolution or (16 if args.model == "tiny" else 64)
+    if args.estimate_memory or args.measure:
+        return memory_table(args)
     if args.mode:
         return worker(args)
     base = [a for a in sys.argv[1:] if not a.startswith("--configs")]

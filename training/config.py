@@ -20,7 +20,7 @@ from .sources import METAVAR as DATA_METAVAR
 from .sources import WORLD_PREFIX, DataSource, parse_source
 
 MODES = ("scott", "lcm")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 # What each mode means for the fields left unset (None): SCott (METHOD.md 2-4), vanilla CD (LCM). Neither mode's
 # solver takes a knob (--eta is DDIM's, --noise-strength the noise_strength family's), so none is set here.
@@ -220,9 +220,16 @@ class OptimOptions:
     grad_accum: int = _opt(1, "micro-batches accumulated per optimiser step", range=AT_LEAST_1)
     max_steps: int = _opt(1000, "optimiser steps to train", range=AT_LEAST_1)
     mixed_precision: str = _opt(
-        "no", "autocast precision of the UNet passes (bf16 also works on CPUs)", choices=MIXED_PRECISION
+        "auto",
+        "autocast precision of the UNet passes and of data-free synthesis; auto = bf16 on a CUDA GPU that has "
+        "it, else fp16 on CUDA, no (fp32) on a CPU (bf16 also works on CPUs)",
+        choices=MIXED_PRECISION,
     )
-    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in backward to save memory")
+    gradient_checkpointing: bool = _opt(
+        None,
+        "recompute UNet activations in backward to save memory (every pass, the discriminator's included); "
+        "default: on with CUDA, off on a CPU",
+    )
     seed: int = _opt(
         0, "seed of data order, noise, timesteps, guidance scales and caption dropout", range=AT_LEAST_0
     )
@@ -290,6 +297,7 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         for knob, value in SOLVERS[values["solver"]].knobs.items() if values["solver"] in SOLVERS else ():
             if values[knob] is None:
                 values[knob] = value
+        values.update(hardware_defaults(values["mixed_precision"], values["gradient_checkpointing"]))
         if values["lora_alpha"] is None:
             values["lora_alpha"] = float(values["lora_rank"])
         if values["name"] is None:
@@ -346,6 +354,28 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         Path(path).write_text(to_toml(self), encoding="utf-8")
 
 
+def uses_cuda():
+    """True where the run will train on a CUDA GPU (accelerate's ACCELERATE_USE_CPU forces the CPU)."""
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
+def hardware_defaults(mixed_precision, gradient_checkpointing):
+    """'auto' precision and unset checkpointing resolved for this machine: bf16 (fp16 without bf16) and
+    checkpointing on with CUDA, fp32 and no checkpointing on a CPU."""
+    cuda = uses_cuda()
+    if mixed_precision == "auto":
+        import torch
+
+        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if gradient_checkpointing is None:
+        gradient_checkpointing = cuda
+    return {"mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing}
+
+
 def demo_teacher():
     """The shipped shapes-world teacher's folder; a UserError saying how to rebuild it if it is missing."""
     if not (DEMO_TEACHER / "model_index.json").is_file():
@@ -384,6 +414,8 @@ def _metavar(name, kind):
 def _default_text(f):
     if f.metadata.get("required"):
         return " (required)"
+    if f.name == "gradient_checkpointing":
+        return " (default: auto)"
     if f.default is None and f.name == "data":
         return " (default: the built-in prompt list, data-free)"
     if f.name in KNOBS:

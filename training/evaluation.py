@@ -18,11 +18,10 @@ from PIL import Image, ImageOps
 from scott_core import lora_format
 from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import alphas_cumprod, lcm_timesteps
-from scott_core.solvers import cfg_combine
 
 from . import metrics, scorers
 from .config import UserError
-from .models import ASSETS, file_sha256, tokenize
+from .models import ASSETS, file_sha256, guided_eps_fn, tokenize, unet_eps_fn
 from .synth import pipeline_generator, plan, teacher_pipeline
 from .validation import decode, grid
 
@@ -134,16 +133,8 @@ def latent_shape(teacher, resolution):
 
 def guided_eps(unet, cond, uncond, cfg):
     """eps_fn(z, t) of the UNet with ComfyUI's cfg: cond only at cfg 1, else uncond + cfg * (cond - uncond)."""
-
-    def eps_fn(z, t):
-        x, t = z.to(unet.dtype), t.to(z.device)
-        if cfg == 1:
-            return unet(x, t, encoder_hidden_states=cond).sample.float()
-        both = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
-        eps_cond, eps_uncond = both.float().chunk(2)
-        return cfg_combine(eps_cond, eps_uncond, cfg - 1)
-
-    return eps_fn
+    eps = unet_eps_fn(unet, cond) if cfg == 1 else guided_eps_fn(unet, cond, uncond, cfg - 1)
+    return lambda z, t: eps(z.to(unet.dtype), t)
 
 
 def per_image_noise(seeds, shape, device):

@@ -16,6 +16,7 @@ from . import checkpoint
 from .config import DistillConfig, UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
+from .memory import OutOfMemory, out_of_memory_message
 from .models import (
     DISC,
     STUDENT,
@@ -24,12 +25,13 @@ from .models import (
     add_adapters,
     check_teacher_path,
     ema_update,
+    enable_checkpointing,
     load_teacher,
     tokenize,
     up_block_channels,
 )
 from .sources import ImageFolder, World
-from .step import SCottStep, draw
+from .step import SCottStep, draw, scott_backward
 from .synth import synthesize_run
 from .validation import HeldOut, KeepBest, heldout_loss, read_prompts, validation_grid
 
@@ -78,7 +80,7 @@ def weight_dtype(mixed_precision, device):
 def build(cfg):
     """Accelerator, teacher + adapters + head, optimiser, data: a run ready at step 0."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     output = Path(cfg.output)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -87,6 +89,8 @@ def build(cfg):
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard" if tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        # The phased step: the disc's backward leaves the student's LoRA unused and the student's the disc's.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.adv_weight > 0)],
     )
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
     source = cfg.source
@@ -105,7 +109,7 @@ def build(cfg):
     adversarial = cfg.adv_weight > 0
     add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if adversarial else None)
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        enable_checkpointing(unet)
     head = DiscriminatorHead(up_block_channels(unet)) if adversarial else None
     model = SCottStep(unet, cfg, alphas_cumprod(), head)
     groups = [{"params": [p for n, p in unet.named_parameters() if f".{STUDENT}." in n], "lr": cfg.lr}]
@@ -184,11 +188,11 @@ def train_step(run, batches, step):
         with accelerator.accumulate(run.model):
             z0 = encode_images(run, batch["pixels"], generator)
             cond = encode_text(run, batch["captions"])
-            losses = run.model(z0, cond, run.uncond, draw(z0, run.grid, cfg, generator))
+            draws = draw(z0, run.grid, cfg, generator)
+            losses = scott_backward(run.model, z0, cond, run.uncond, draws, accelerator.backward)
             finite = torch.tensor([float(torch.isfinite(losses["loss"]).item())], device=accelerator.device)
             if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
                 raise TrainingDiverged(f"loss is {losses['loss'].item()} at step {step + 1}: stopped")
-            accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
             run.optimizer.step()
@@ -284,7 +288,10 @@ def train(cfg):
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg.validation_prompts) if cfg.validate_every else []
-    run = build(cfg)
+    try:
+        run = build(cfg)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(cfg, None, None)) from None
     accelerator = run.accelerator
     ckpt_dir = output / "checkpoints"
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
@@ -316,6 +323,8 @@ def train(cfg):
                 raise TrainingDiverged(
                     f"{exc}; last good checkpoint: {last_good[0] or 'none written yet'}"
                 ) from None
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(out_of_memory_message(cfg, step, last_good[0])) from None
             step += 1
             lr = run.scheduler.get_last_lr()[0]
             progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=skipped)

@@ -233,11 +233,30 @@ def ema_update(unet, decay):
 
 
 def _restore_trainable(unet):
-    """peft's set_adapter flips requires_grad; the rule here is fixed: student and disc train."""
+    """peft's set_adapter flips requires_grad; the rule here is fixed: student and disc train (unless frozen)."""
+    trains = [a for a in (STUDENT, DISC) if a not in getattr(unet, "_scott_frozen", ())]
     for name, param in unet.named_parameters():
-        trainable = f".{STUDENT}." in name or f".{DISC}." in name
+        trainable = any(f".{a}." in name for a in trains)
         if param.requires_grad != trainable:
             param.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def frozen(unet, adapter, *modules):
+    """Inside the context `adapter`'s LoRA and `modules` take no gradient (a pass through them still does)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    unet._scott_frozen = (*getattr(unet, "_scott_frozen", ()), adapter)
+    _restore_trainable(unet)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        unet._scott_frozen = tuple(a for a in unet._scott_frozen if a != adapter)
+        _restore_trainable(unet)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -286,15 +305,62 @@ def capture_up_blocks(unet):
             hook.remove()
 
 
+def unet_eps_fn(unet, cond):
+    """eps_fn(z, t) of the UNet's active adapter for caption embeddings `cond`, in float32: the one place a UNet
+    call becomes an eps model (scott_core's consistency_denoiser / x0_from_eps take it from there)."""
+
+    def eps_fn(z, t):
+        return unet(z, t.to(z.device), encoder_hidden_states=cond).sample.float()
+
+    return eps_fn
+
+
+def guided_eps_fn(unet, cond, uncond, w):
+    """eps_fn(z, t) with classifier-free guidance in LCM's form (1 + w) eps(z, t, c) - w eps(z, t, u), one UNet call
+    on [c, u]; w a number or per-sample [B]."""
+    from scott_core.solvers import cfg_combine
+
+    eps = unet_eps_fn(unet, torch.cat([cond, uncond]))
+
+    def eps_fn(z, t):
+        e_cond, e_uncond = eps(torch.cat([z, z]), torch.cat([t, t])).chunk(2)
+        return cfg_combine(e_cond, e_uncond, w)
+
+    return eps_fn
+
+
+def _lora_layers(module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
-def without_checkpointing(unet):
-    """Turn off gradient checkpointing inside the context: a pass recomputed in backward would run with the
-    adapter active then (the student), not the one it ran with (the disc)."""
-    flagged = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
-    for module in flagged:
-        module.gradient_checkpointing = False
+def adapter_state(layers, state):
+    """Inside the context the peft layers run with `state` = [(active adapters, disabled)], one per layer."""
+    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    for layer, (active, disabled) in zip(layers, state):
+        layer._active_adapter, layer._disable_adapters = active, disabled
     try:
         yield
     finally:
-        for module in flagged:
-            module.gradient_checkpointing = True
+        for layer, (active, disabled) in zip(layers, saved):
+            layer._active_adapter, layer._disable_adapters = active, disabled
+
+
+def adapter_checkpoint(module, *args):
+    """torch.utils.checkpoint (non-reentrant) of one UNet block whose recompute in backward runs under the
+    adapter that was active in its forward (the disc's backward runs after the context that chose it ends)."""
+    layers = _lora_layers(module)
+    state = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), adapter_state(layers, state)),
+    )
+
+
+def enable_checkpointing(unet):
+    """Gradient checkpointing of the UNet's blocks in every pass with grad, recomputed under the right adapter."""
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint)

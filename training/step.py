@@ -1,15 +1,18 @@
-"""One SCott training iteration (METHOD.md section 2): teacher solve, target, student, adversarial terms."""
+"""One SCott training iteration (METHOD.md section 2), in phases: (a) the noisy latent, the teacher's solve, the
+target and the student's clean estimate, all without grad; (b) the discriminator's hinge update on real vs the
+detached estimate; (c) the student's update: consistency loss plus the weighted generator term, through the
+frozen discriminator's gradient at the estimate. Each update has its own backward, so only one graph is alive."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from scott_core.consistency import consistency_function, x0_from_eps
-from scott_core.schedule import alpha_sigma, append_dims, skip_timestep
-from scott_core.solvers import cfg_combine, solve
+from scott_core.sampling import add_noise, consistency_denoiser
+from scott_core.schedule import append_dims, skip_timestep
+from scott_core.solvers import solve
 
-from .models import DISC, STUDENT, TARGET, capture_up_blocks, using, without_checkpointing
+from .models import DISC, STUDENT, TARGET, capture_up_blocks, frozen, guided_eps_fn, unet_eps_fn, using
 
 
 @dataclass
@@ -21,6 +24,19 @@ class Draws:
     w: torch.Tensor  # float [B]
     drop: torch.Tensor  # bool [B]: caption replaced by the empty caption
     generator: torch.Generator  # for the teacher's SDE noise
+
+
+@dataclass
+class Estimate:
+    """What phase (a) hands to the two updates: no tensor here carries a graph."""
+
+    z0: torch.Tensor  # the clean latent (the discriminator's real sample)
+    z_n: torch.Tensor  # z0 noised to t_n
+    t_n: torch.Tensor
+    cond: torch.Tensor  # caption embeddings after dropout
+    noise: torch.Tensor  # the draw that made z_n (re-used by --disc-renoise)
+    f_target: torch.Tensor  # the target LoRA's f(z_m, t_m) after the teacher's solve t_n -> t_m
+    fake: torch.Tensor | None  # the student's f(z_n, t_n) (None without the adversarial loss)
 
 
 def draw(z0, grid, cfg, generator):
@@ -44,87 +60,126 @@ def hinge_d_loss(real, fake):
 
 
 class SCottStep(nn.Module):
-    """The whole loss of one iteration in one forward, so that DDP sees one forward and one backward.
-
-    Teacher = the UNet with adapters disabled, student/target/disc = its adapters; head = the disc's logit.
-    """
+    """The SCott losses, one method per phase; forward(phase, ...) dispatches, so that DDP sees one forward
+    before each backward. Teacher = the UNet with adapters disabled, student/target/disc = its adapters;
+    head = the disc's logit."""
 
     def __init__(self, unet, cfg, alphas_cumprod, head=None):
         super().__init__()
         self.unet, self.head, self.cfg = unet, head, cfg
         self.register_buffer("alphas_cumprod", alphas_cumprod.double(), persistent=False)
 
-    def eps(self, z, t, c):
-        """The UNet's eps prediction (float32) with whatever adapter is active."""
-        return self.unet(z, t.to(z.device), encoder_hidden_states=c).sample.float()
+    @property
+    def adversarial(self):
+        return self.head is not None and self.cfg.adv_weight > 0
+
+    def forward(self, phase, *args):
+        """Run one phase: 'estimate' (no grad), 'discriminator_loss' or 'student_loss'."""
+        return getattr(self, phase)(*args)
 
     def consistency(self, z, t, c):
-        """f(z, t) = c_skip z + c_out x0(z, eps(z, t, c)) (the LCM boundary condition)."""
-        alpha, sigma = alpha_sigma(t.cpu(), self.alphas_cumprod.cpu())
-        x0 = x0_from_eps(z, self.eps(z, t, c), alpha, sigma)
-        return consistency_function(z, x0, t.cpu())
+        """f(z, t) = c_skip z + c_out x0(z, eps(z, t, c)) of the active adapter (the LCM boundary condition)."""
+        return consistency_denoiser(unet_eps_fn(self.unet, c), self.alphas_cumprod.cpu())(z, t)
 
     def teacher_eps_fn(self, cond, uncond, w):
         """eps_fn(z, t) of the guided teacher: (1 + w) eps(z, t, c) - w eps(z, t, u), one UNet call."""
-
-        def eps_fn(z, t):
-            e_cond, e_uncond = self.eps(
-                torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])
-            ).chunk(2)
-            return cfg_combine(e_cond, e_uncond, w.to(z.device))
-
-        return eps_fn
+        return guided_eps_fn(self.unet, cond, uncond, w)
 
     def discriminate(self, x, t, c):
         """One logit per sample: the UNet with the disc LoRA, its up-block features into the head."""
-        with (
-            using(self.unet, DISC),
-            without_checkpointing(self.unet),
-            capture_up_blocks(self.unet) as features,
-        ):
+        with using(self.unet, DISC), capture_up_blocks(self.unet) as features:
             self.unet(x, t.to(x.device), encoder_hidden_states=c)
         return self.head(features)
 
-    def forward(self, z0, cond, uncond, draws):
+    def renoised(self, x, est):
+        """The discriminator's input for a clean latent: x itself, or x noised to t_n (--disc-renoise)."""
+        return add_noise(x, est.noise, est.t_n, self.alphas_cumprod.cpu()) if self.cfg.disc_renoise else x
+
+    @torch.no_grad()
+    def estimate(self, z0, cond, uncond, draws):
+        """(a) z_n, the teacher's solve to t_m, the target f(z_m, t_m) and the student's f(z_n, t_n)."""
         cfg, ab = self.cfg, self.alphas_cumprod.cpu()
         uncond = uncond.expand_as(cond)
         cond = torch.where(append_dims(draws.drop.to(cond.device), cond.ndim), uncond, cond)
         t_n, t_m = draws.t_n, skip_timestep(draws.t_n, cfg.span)
-        alpha, sigma = (append_dims(v.to(z0.device, z0.dtype), z0.ndim) for v in alpha_sigma(t_n, ab))
-        z_n = alpha * z0 + sigma * draws.noise
-        with torch.no_grad():
-            with using(self.unet, None):
-                eps_fn = self.teacher_eps_fn(cond, uncond, draws.w)
-                z_m = solve(
-                    eps_fn,
-                    z_n,
-                    t_n,
-                    t_m,
-                    ab,
-                    solver=cfg.solver,
-                    sub_steps=cfg.sub_steps,
-                    eta=cfg.eta,
-                    noise_strength=cfg.noise_strength,
-                    generator=draws.generator,
-                )
-            with using(self.unet, TARGET):
-                f_target = self.consistency(z_m, t_m, cond)
+        z_n = add_noise(z0, draws.noise, t_n, ab)
+        with using(self.unet, None):
+            eps_fn = self.teacher_eps_fn(cond, uncond, draws.w)
+            z_m = solve(
+                eps_fn,
+                z_n,
+                t_n,
+                t_m,
+                ab,
+                solver=cfg.solver,
+                sub_steps=cfg.sub_steps,
+                eta=cfg.eta,
+                noise_strength=cfg.noise_strength,
+                generator=draws.generator,
+            )
+        with using(self.unet, TARGET):
+            f_target = self.consistency(z_m, t_m, cond)
+        fake = None
+        if self.adversarial:
+            with using(self.unet, STUDENT):
+                fake = self.consistency(z_n, t_n, cond)
+        return Estimate(z0, z_n, t_n, cond, draws.noise, f_target, fake)
+
+    def discriminator_loss(self, est):
+        """(b) The hinge loss on D(real) vs D(detached fake); its gradient reaches only the disc."""
+        t, c = est.t_n, est.cond
+        d_real, d_fake = self.discriminate(
+            torch.cat([self.renoised(est.z0, est), self.renoised(est.fake, est)]), torch.cat([t, t]), torch.cat([c, c])
+        ).chunk(2)
+        return hinge_d_loss(d_real, d_fake)
+
+    def generator_grad(self, est):
+        """(adv_g, d adv_g / d fake) with adv_g = -mean D(fake), the discriminator frozen."""
+        fake = est.fake.detach().requires_grad_(True)
+        with torch.enable_grad(), frozen(self.unet, DISC, self.head):
+            adv_g = -self.discriminate(self.renoised(fake, est), est.t_n, est.cond).mean()
+            (grad,) = torch.autograd.grad(adv_g, fake)
+        return adv_g.detach(), grad
+
+    def consistency_loss(self, est):
+        """The pseudo-Huber consistency loss of the student's f(z_n, t_n) against the target; and f_student."""
         with using(self.unet, STUDENT):
-            f_student = self.consistency(z_n, t_n, cond)
-        losses = {"cd": pseudo_huber(f_student, f_target, cfg.huber_c)}
-        loss = losses["cd"]
-        if cfg.adv_weight > 0:
-            real, fake = z0, f_student
-            if cfg.disc_renoise:
-                real, fake = alpha * real + sigma * draws.noise, alpha * fake + sigma * draws.noise
-            d_real, d_fake_detached = self.discriminate(
-                torch.cat([real, fake.detach()]), torch.cat([t_n, t_n]), torch.cat([cond, cond])
-            ).chunk(2)
-            d_fake = self.discriminate(fake, t_n, cond)
-            losses["adv_g"] = -d_fake.mean()
-            losses["disc"] = hinge_d_loss(d_real, d_fake_detached)
-            # The generator term's gradient reaches the disc's weights too; the detached copy of the same term
-            # cancels it there exactly (same values, opposite sign) and gives the student nothing.
-            loss = loss + cfg.adv_weight * (losses["adv_g"] + d_fake_detached.mean()) + losses["disc"]
-        losses["loss"] = loss
-        return losses
+            f_student = self.consistency(est.z_n, est.t_n, est.cond)
+        return pseudo_huber(f_student, est.f_target, self.cfg.huber_c), f_student
+
+    def student_loss(self, est):
+        """(c) cd + adv_weight * adv_g as the student sees it: the generator term enters as <grad, f_student>,
+        whose gradient is the generator term's through the student's output. Returns (objective, logged losses)."""
+        losses = {}
+        if self.adversarial:
+            losses["adv_g"], grad = self.generator_grad(est)
+        losses["cd"], f_student = self.consistency_loss(est)
+        objective = losses["cd"]
+        if self.adversarial:
+            objective = objective + self.cfg.adv_weight * (f_student.float() * grad).sum()
+        return objective, losses
+
+
+def scott_backward(model, z0, cond, uncond, draws, backward=torch.Tensor.backward):
+    """The phased iteration the loop runs: (a) estimate, (b) disc backward, (c) student backward; `model` is the
+    SCottStep or its DDP wrapper, `backward` the accelerator's. Returns the losses (detached); 'loss' is
+    cd + adv_weight * adv_g + disc."""
+    with torch.no_grad():
+        est = model("estimate", z0, cond, uncond, draws)
+    losses = {}
+    if est.fake is not None:
+        disc = model("discriminator_loss", est)
+        backward(disc)
+        losses["disc"] = disc.detach()
+        del disc  # the disc's graph is freed before the student's is built
+    objective, logged = model("student_loss", est)
+    backward(objective)
+    losses.update({k: v.detach() for k, v in logged.items()})
+    weight = model_cfg(model).adv_weight
+    losses["loss"] = losses["cd"] + weight * losses.get("adv_g", 0.0) + losses.get("disc", 0.0)
+    return losses
+
+
+def model_cfg(model):
+    """The config of a SCottStep, DDP-wrapped or not."""
+    return getattr(model, "module", model).cfg

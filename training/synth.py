@@ -97,10 +97,19 @@ def teacher_pipeline(teacher):
 
 
 def synthesize_run(cfg, teacher, prompts, device, rank=0, world_size=1):
-    """Fill <output>/synth with this process's shard of the run's images; returns (folder, images made)."""
+    """Fill <output>/synth with this process's shard of the run's images; returns (folder, images made).
+    Lean: the teacher runs in its load dtype (bf16 under the CUDA default), the VAE decodes one image at a time,
+    and the pipeline is freed and the CUDA cache emptied before training starts."""
     folder = Path(cfg.output) / "synth"
     pipe = teacher_pipeline(teacher).to(device)
-    generate = pipeline_generator(pipe, cfg.synth_steps, cfg.synth_cfg, cfg.resolution)
-    items = shard(plan(prompts, cfg.synth_images, cfg.seed), rank, world_size)
-    made = synthesize(generate, items, folder, cfg.batch_size, rank, show_progress=rank == 0)
+    pipe.vae.enable_slicing()
+    try:
+        generate = pipeline_generator(pipe, cfg.synth_steps, cfg.synth_cfg, cfg.resolution)
+        items = shard(plan(prompts, cfg.synth_images, cfg.seed), rank, world_size)
+        made = synthesize(generate, items, folder, cfg.batch_size, rank, show_progress=rank == 0)
+    finally:
+        pipe.vae.disable_slicing()
+        del pipe
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     return folder, made

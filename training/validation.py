@@ -13,10 +13,9 @@ from PIL import Image
 
 from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import lcm_timesteps
-from scott_core.solvers import cfg_combine
 
 from .errors import UserError
-from .models import STUDENT, using
+from .models import STUDENT, guided_eps_fn, unet_eps_fn, using
 from .step import Draws
 
 DEFAULT_PROMPTS = (
@@ -112,11 +111,7 @@ def read_prompts(path):
 @torch.no_grad()
 def consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator):
     """Clean latents from noise `z` in `steps` LCM-grid steps of the UNet's active LoRA (no CFG)."""
-
-    def eps_fn(x, t):
-        return unet(x, t.to(x.device), encoder_hidden_states=cond).sample.float()
-
-    denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
+    denoiser = consistency_denoiser(unet_eps_fn(unet, cond), alphas_cumprod)
     return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
 
 
@@ -143,11 +138,7 @@ def guided_sample(unet, cond, uncond, cfg, z, steps, alphas_cumprod, gamma, gene
     if cfg == 1:
         return consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator)
 
-    def eps_fn(x, t):
-        both = unet(torch.cat([x, x]), torch.cat([t, t]).to(x.device), encoder_hidden_states=torch.cat([cond, uncond]))
-        e_cond, e_uncond = both.sample.float().chunk(2)
-        return cfg_combine(e_cond, e_uncond, cfg - 1)
-
+    eps_fn = guided_eps_fn(unet, cond, uncond.expand_as(cond), cfg - 1)
     denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
     return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
 
@@ -226,7 +217,7 @@ def heldout_loss(model, held, uncond):
     training = model.training
     model.eval()
     try:
-        return model(held.z0, held.cond, uncond, held.fresh_draws())["cd"].item()
+        return model.consistency_loss(model.estimate(held.z0, held.cond, uncond, held.fresh_draws()))[0].item()
     finally:
         model.train(training)
 

@@ -1,5 +1,5 @@
 """Run under torchrun by test_distributed.py: 3 SCott steps on each rank, then save this rank's
-trainable tensors and the captions it trained on. Usage: ddp_worker.py TEACHER DATA OUTPUT."""
+trainable tensors and the captions it trained on. Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM]."""
 
 import json
 import sys
@@ -14,12 +14,13 @@ from training.checkpoint import trainable_state  # noqa: E402
 from training.loop import build, data_batches, train_step  # noqa: E402
 
 teacher, data, output = sys.argv[1:4]
-run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3))
+accum = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3, grad_accum=accum))
 rank, seen, batches = run.accelerator.process_index, [], data_batches(run, 0)
 for step in range(3):
-    batch = next(batches)
-    seen += batch["captions"]
-    train_step(run, [batch], step)
+    micro = [next(batches) for _ in range(accum)]
+    seen += [caption for batch in micro for caption in batch["captions"]]
+    train_step(run, micro, step)
 save_file(trainable_state(run.accelerator.unwrap_model(run.model)), f"{output}/rank{rank}.safetensors")
 Path(f"{output}/rank{rank}.json").write_text(
     json.dumps({"world": run.accelerator.num_processes, "seen": seen})

@@ -80,16 +80,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 ):
     from training.step import SCottStep
 
-    real_forward, calls = SCottStep.forward, []
+    real_loss, calls = SCottStep.student_loss, []
 
     def nan_on_third_call(self, *args):
-        losses = real_forward(self, *args)
+        objective, losses = real_loss(self, *args)
         calls.append(1)
         if len(calls) == 3:
-            losses["loss"] = losses["loss"] * float("nan")
-        return losses
+            losses["cd"] = losses["cd"] * float("nan")
+        return objective, losses
 
-    monkeypatch.setattr(SCottStep, "forward", nan_on_third_call)
+    monkeypatch.setattr(SCottStep, "student_loss", nan_on_third_call)
     out = tmp_path / "out"
     assert main(tiny_args(tiny_teacher, tiny_data, out, max_steps=4, checkpoint_every=2, mode="lcm")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,11 +27,13 @@ def torchrun(*args, cwd=REPO):
     )
 
 
-def test_two_ranks_end_with_identical_lora_weights(tiny_teacher, tiny_data, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_end_with_identical_lora_weights(tiny_teacher, tiny_data, tmp_path, accum):
+    # accum 2: the first micro-batch's two backwards (disc, student) run under no_sync, the second's sync both.
     out = tmp_path / "out"
     out.mkdir()
     result = torchrun(
-        str(Path(__file__).parent / "ddp_worker.py"), str(tiny_teacher), str(tiny_data), str(out)
+        str(Path(__file__).parent / "ddp_worker.py"), str(tiny_teacher), str(tiny_data), str(out), str(accum)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
