@@ -151,3 +151,29 @@ def test_a_resume_with_a_changed_bucket_setting_is_refused(tmp_path, tiny_teache
         "it, or start a new --output"
     ]
 
+
+
+def test_shards_are_bucketed_from_their_headers_too(tmp_path):
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "s-000.tar", "w") as tar:
+        for name, size in [("wide", (300, 100)), ("tall", (100, 300)), ("tiny", (50, 50))]:
+            buffer = io.BytesIO()
+            Image.new("RGB", size, (9, 9, 9)).save(buffer, format="PNG")
+            for suffix, data in ((".png", buffer.getvalue()), (".txt", name.encode())):
+                info = tarfile.TarInfo(name + suffix)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    dataset = PairDataset(str(tmp_path / "s-{000..000}.tar"), 128, buckets=True)
+    assert dataset.groups() == {(64, 192): [0], (192, 64): [1]} and dataset.too_small == 1
+    assert [dataset[i][1] for i in range(2)] == ["tall", "wide"] and dataset[1][0].shape == (3, 64, 192)
+
+
+@pytest.mark.parametrize("data, bucketed", [("images/", True), ("world:8", False), (None, False)])
+def test_only_the_users_images_are_bucketed(data, bucketed):
+    from training.config import DistillConfig
+    from training.loop import uses_buckets
+
+    assert uses_buckets(DistillConfig(teacher="t", data=data, resolution=64).resolved()) is bucketed
+    assert not uses_buckets(DistillConfig(teacher="t", data=data, resolution=64, buckets=False).resolved())
