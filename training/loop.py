@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
-from .buckets import bucket_sizes, bucketable, report, smallest_side
+from .buckets import bucket_report, check_resume_buckets, uses_buckets
 from .cache import CachedPairs, Encoders, fill, text_key
 from .config import DistillConfig, UserError
 from .data import PairDataset, make_loader
@@ -144,40 +144,6 @@ def build(cfg):
     return run
 
 
-def uses_buckets(cfg):
-    """Whether this run buckets its images: --buckets and the user's own images (not world or data-free)."""
-    return cfg.buckets and bucketable(cfg.source)
-
-
-def bucket_report(dataset, cfg, world_size):
-    """The run-start line of how many images fell in each bucket (and what was skipped)."""
-    low = smallest_side(bucket_sizes(cfg.resolution))
-    return report(dataset.groups(), cfg.batch_size, world_size, dataset.unreadable, dataset.too_small, low)
-
-
-def check_resume_buckets(cfg):
-    """A resume must keep the bucket setting of the run it resumes (its <output>/config.toml says which), or the
-    data order would change under it: else one line saying which flag to give."""
-    if cfg.resume is None or not bucketable(cfg.source):
-        return
-    found = checkpoint.resolve(cfg.resume, Path(cfg.output) / "checkpoints")
-    saved = Path(found).resolve().parent.parent / "config.toml" if found else None
-    if saved is None or not saved.is_file():
-        return
-    try:
-        import tomllib
-    except ImportError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-
-    before = tomllib.loads(saved.read_text(encoding="utf-8")).get("buckets", False)  # older runs: square crops
-    if before != cfg.buckets:
-        flag = "--buckets" if before else "--no-buckets"
-        raise UserError(
-            f"--resume {found}: that run trained with {flag} and this one with "
-            f"{'--buckets' if cfg.buckets else '--no-buckets'}; give {flag} to resume it, or start a new --output"
-        )
-
-
 def cache_latents(run):
     """Fill <output>/cache (each process its shard), then serve the dataset from it; the VAE and text encoder
     leave the GPU."""
@@ -297,7 +263,7 @@ def data_batches(run, start_step):
     )
     for first, batch in enumerate(loader):
         if first == 0:  # images dropped before training (unreadable, under the smallest bucket) count as skipped
-            batch["skipped"] += run.dataset.scan_skipped
+            batch["skipped"] += getattr(run.dataset, "scan_skipped", 0)
         yield batch
 
 

@@ -172,8 +172,8 @@ def test_shards_are_bucketed_from_their_headers_too(tmp_path):
 
 @pytest.mark.parametrize("data, bucketed", [("images/", True), ("world:8", False), (None, False)])
 def test_only_the_users_images_are_bucketed(data, bucketed):
+    from training.buckets import uses_buckets
     from training.config import DistillConfig
-    from training.loop import uses_buckets
 
     assert uses_buckets(DistillConfig(teacher="t", data=data, resolution=64).resolved()) is bucketed
     assert not uses_buckets(DistillConfig(teacher="t", data=data, resolution=64, buckets=False).resolved())
