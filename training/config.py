@@ -143,8 +143,20 @@ class DataOptions:
     )
     resolution: int = _opt(
         512,
-        "training resolution in pixels, a multiple of 8 (resize of the short side + center crop)",
+        "training resolution in pixels: images go to aspect-ratio buckets of about resolution^2 pixels (a multiple "
+        "of 64), or with --no-buckets are resized and center-cropped to resolution^2 (a multiple of 8)",
         range=Range(8, multiple=8),
+    )
+    buckets: bool = _opt(
+        True,
+        "aspect-ratio buckets for image folders and .tar shards: sides multiples of 64, each image resized and "
+        "center-cropped to the bucket nearest its aspect ratio, one bucket per batch (kohya style); images with a "
+        "side under the smallest bucket's are skipped; world and data-free images stay square",
+    )
+    cache_latents: bool = _opt(
+        True,
+        "encode every image (VAE mean and std) and caption (CLIP) once into <output>/cache before training, "
+        "then free the VAE and text encoder from the GPU; --no-cache-latents encodes each batch as it is drawn",
     )
     caption_dropout: float = _opt(
         0.1, "probability a sample's caption is replaced by the empty caption", range=PROBABILITY
@@ -320,6 +332,18 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         self.check_solver_knobs(self.solver)
         self.validation_step_counts()
         self.source  # noqa: B018 - parse --data now: a malformed world:N stops the run before anything loads
+        self.check_bucket_resolution()
+
+    def check_bucket_resolution(self):
+        """Bucket sides are multiples of 64, so with buckets on the user's images the resolution must be one too."""
+        from .buckets import STEP, bucketable
+
+        if self.buckets and self.resolution % STEP and bucketable(self.source):
+            near = max(STEP, round(self.resolution / STEP) * STEP)
+            raise UserError(
+                f"--resolution must be a multiple of {STEP} with --buckets, got {self.resolution}: "
+                f"give --resolution {near}, or --no-buckets for square crops"
+            )
 
     def check_solver_knobs(self, solver):
         """A knob `solver` does not take is a UserError naming the solver and the knob it does take."""

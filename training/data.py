@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import buckets as bucketing
 from .errors import DataError
 from .sources import ImageFolder, TarShards, parse_source
 
@@ -88,9 +89,12 @@ def tar_pairs(paths):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of (pixels in [-1, 1] [3, R, R], caption); unreadable image -> None (skipped)."""
+    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption); unreadable image -> None (skipped).
 
-    def __init__(self, data, resolution):
+    Square R x R crops, or with buckets=True each image in the aspect-ratio bucket nearest its own (buckets.py);
+    images whose header is unreadable or with a side under the smallest bucket's are then dropped and counted."""
+
+    def __init__(self, data, resolution, buckets=False):
         source = parse_source(data)
         source.check()
         if isinstance(source, ImageFolder):
@@ -99,7 +103,14 @@ class PairDataset(torch.utils.data.Dataset):
             self.pairs, self.missing_captions = tar_pairs(source.paths)
         else:
             raise DataError(f"data {data} is not images: the loop renders or draws it into a folder first")
-        self.resolution = resolution
+        self.resolution, self.bucketed = resolution, buckets
+        self.unreadable = self.too_small = 0
+        self._check_not_empty(source)
+        self.targets = [(resolution, resolution)] * len(self.pairs)
+        if buckets:
+            self._bucket(source)
+
+    def _check_not_empty(self, source):
         if not self.pairs:
             raise DataError(
                 f"data {source} has no usable image + caption pairs "
@@ -107,8 +118,46 @@ class PairDataset(torch.utils.data.Dataset):
                 "give each image a same-name .txt, or a metadata.jsonl / metadata.csv with file_name,text"
             )
 
+    def _bucket(self, source):
+        """Read each image's size from its header, keep the pairs that fit a bucket, and record their buckets."""
+        targets, self.unreadable, self.too_small = bucketing.assign(
+            [self.image_size(pair) for pair in self.pairs], self.resolution
+        )
+        kept = [(pair, target) for pair, target in zip(self.pairs, targets) if target is not None]
+        self.pairs, self.targets = [p for p, _ in kept], [t for _, t in kept]
+        if not self.pairs:
+            low = bucketing.smallest_side(bucketing.bucket_sizes(self.resolution))
+            raise DataError(
+                f"data {source} has no image that fits a bucket at --resolution {self.resolution} "
+                f"({self.too_small} with a side under {low} px, {self.unreadable} unreadable); "
+                "give larger images or a lower --resolution"
+            )
+
+    @property
+    def scan_skipped(self):
+        """Images dropped before training (unreadable header, under the smallest bucket): counted as skipped."""
+        return self.unreadable + self.too_small
+
+    def groups(self):
+        """{(width, height): [indices]} of the buckets, in bucket order (one square group without buckets)."""
+        return bucketing.group(self.targets)
+
+    def image_size(self, pair):
+        """(width, height) from the image's header (PIL opens lazily), None if it cannot be read."""
+        try:
+            source = pair.image_ref if not pair.source.startswith("tar:") else io.BytesIO(self._bytes(pair))
+            with Image.open(source) as image:
+                return image.size
+        except Exception as exc:  # noqa: BLE001 - any header failure is a corrupt image: skip and count
+            log.debug("skipping %s: %s", pair.source, exc)
+            return None
+
     def __len__(self):
         return len(self.pairs)
+
+    def image_bytes(self, index):
+        """The raw bytes of image `index` (what the latent cache's key hashes)."""
+        return self._bytes(self.pairs[index])
 
     def _bytes(self, pair):
         if pair.source.startswith("tar:"):
@@ -126,20 +175,18 @@ class PairDataset(torch.utils.data.Dataset):
         except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt image: skip and count
             log.debug("skipping %s: %s", pair.source, exc)
             return None
-        return resize_center_crop(image, self.resolution), pair.caption
+        return resize_center_crop(image, *self.targets[index]), pair.caption
 
 
-def resize_center_crop(image, resolution):
-    """Resize the short side to `resolution`, center-crop a square, to a [3, R, R] tensor in [-1, 1]."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+def resize_center_crop(image, width, height=None):
+    """Resize to cover width x height (square without height), center-crop, to a [3, H, W] tensor in [-1, 1]."""
+    height = width if height is None else height
+    scale = max(width / image.size[0], height / image.size[1])
+    size = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
-        resolution, resolution, 3
-    )
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -170,12 +217,17 @@ def batch_indices(num_items, batch_size, rank, world_size, seed, start_batch=0):
 
 
 def make_loader(dataset, batch_size, rank, world_size, seed, start_batch=0, num_workers=0):
-    """DataLoader over batch_indices (a resume at batch k reads what a straight run would)."""
-    sampler = batch_indices(len(dataset), batch_size, rank, world_size, seed, start_batch)
+    """DataLoader over batch_indices, or bucket_batch_indices for a bucketed dataset (a resume at batch k reads
+    what a straight run would); the dataset's own `collate` if it has one (the latent cache's)."""
+    if getattr(dataset, "bucketed", False):
+        groups = list(dataset.groups().values())
+        sampler = bucketing.bucket_batch_indices(groups, batch_size, rank, world_size, seed, start_batch)
+    else:
+        sampler = batch_indices(len(dataset), batch_size, rank, world_size, seed, start_batch)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=_Iterable(sampler),
-        collate_fn=collate,
+        collate_fn=getattr(dataset, "collate", collate),
         num_workers=num_workers,
         persistent_workers=False,
     )

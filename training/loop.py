@@ -1,5 +1,6 @@
 """The training loop on accelerate: build the run, then step, log, checkpoint, validate, export."""
 
+import contextlib
 import importlib.util
 import logging
 import time
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
+from .buckets import bucket_report, check_resume_buckets, uses_buckets
+from .cache import CachedPairs, Encoders, fill, text_key
 from .config import DistillConfig, UserError
 from .data import PairDataset, make_loader
 from .export import export_lora
@@ -55,7 +58,7 @@ class Run:
     optimizer: torch.optim.Optimizer  # accelerate's AcceleratedOptimizer over AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     teacher: Teacher
-    dataset: PairDataset
+    dataset: PairDataset  # or cache.CachedPairs over it (--cache-latents)
     grid: torch.Tensor
     uncond: torch.Tensor | None
 
@@ -95,10 +98,13 @@ def build(cfg):
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
     source = cfg.source
     source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
+    check_resume_buckets(cfg)
     prompts = source.prompts() if source.data_free else None
     if isinstance(source, World):
         source = world_folder(source, cfg.output, accelerator)
-    dataset = None if source.data_free else PairDataset(source, cfg.resolution)
+    dataset = None if source.data_free else PairDataset(source, cfg.resolution, uses_buckets(cfg))
+    if dataset is not None and dataset.bucketed and accelerator.is_main_process:
+        log.info(bucket_report(dataset, cfg, accelerator.num_processes))
     teacher = load_teacher(
         cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
     )
@@ -135,8 +141,31 @@ def build(cfg):
         training_grid(cfg.grid_spacing),
         None,
     )
-    run.uncond = encode_text(run, [""])
+    if cfg.cache_latents:
+        run.dataset = cache_latents(run)
+        run.uncond = run.dataset.uncond().to(accelerator.device)
+    else:
+        run.uncond = encode_text(run, [""])
     return run
+
+
+def cache_latents(run):
+    """Fill <output>/cache (each process its shard), then serve the dataset from it; the VAE and text encoder
+    leave the GPU."""
+    accelerator, cfg, teacher = run.accelerator, run.cfg, run.teacher
+    root = Path(cfg.output) / "cache"
+    encoders = Encoders(latents=lambda pixels: encode_moments(run, pixels), text=lambda c: encode_text(run, c, False))
+    latent_keys, text_keys, made = fill(
+        run.dataset, teacher.sha256, root, encoders, accelerator.process_index, accelerator.num_processes,
+        cfg.batch_size,
+    )
+    accelerator.wait_for_everyone()
+    log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, made)
+    teacher.vae.to("cpu")
+    teacher.text_encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return CachedPairs(run.dataset, root, latent_keys, text_keys, text_key(teacher.sha256, ""))
 
 
 def world_folder(world, output, accelerator):
@@ -165,19 +194,43 @@ def synthetic_dataset(cfg, accelerator, teacher, prompts):
 
 
 @torch.no_grad()
-def encode_text(run, captions):
-    """CLIP last hidden states [B, 77, D] of the captions (padded to the tokenizer's 77)."""
-    ids = tokenize(run.teacher.tokenizer, captions)
-    return run.teacher.text_encoder(ids.to(run.accelerator.device))[0].float()
+def encode_text(run, captions, to_float=True):
+    """CLIP last hidden states [B, 77, D] of the captions (padded to the tokenizer's 77), on the run's device,
+    float32 (to_float=False: the encoder's own dtype, as the cache stores them); the encoder runs where it is."""
+    encoder = run.teacher.text_encoder
+    hidden = encoder(tokenize(run.teacher.tokenizer, captions).to(encoder.device))[0]
+    return (hidden.float() if to_float else hidden).to(run.accelerator.device)
+
+
+@torch.no_grad()
+def encode_moments(run, pixels):
+    """The VAE posterior's mean and std [B, 4, h, w] of pixels in [-1, 1], in the VAE's dtype."""
+    vae = run.teacher.vae
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_latents(mean, std, generator, scaling_factor):
+    """z0 = (mean + std * noise) * scaling_factor, the noise drawn from `generator` (as vae's .sample())."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    return (mean.float() + std.float() * noise) * scaling_factor
 
 
 @torch.no_grad()
 def encode_images(run, pixels, generator):
     """z0 = vae.encode(x).sample() * scaling_factor, the sample drawn from `generator`."""
-    vae = run.teacher.vae
-    dist = vae.encode(pixels.to(run.accelerator.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
-    return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
+    mean, std = encode_moments(run, pixels)
+    return sample_latents(mean, std, generator, run.teacher.vae.config.scaling_factor).to(run.accelerator.device)
+
+
+def batch_latents(run, batch, generator):
+    """(z0, caption hidden states) of a micro-batch: from the cache's mean / std / hidden states when it was
+    served from the cache, else encoded now; the same draws from `generator` either way."""
+    if "mean" not in batch:
+        return encode_images(run, batch["pixels"], generator), encode_text(run, batch["captions"])
+    device, scaling = run.accelerator.device, run.teacher.vae.config.scaling_factor
+    z0 = sample_latents(batch["mean"].to(device), batch["std"].to(device), generator, scaling)
+    return z0, batch["cond"].to(device).float()
 
 
 def train_step(run, batches, step):
@@ -186,8 +239,7 @@ def train_step(run, batches, step):
     for micro, batch in enumerate(batches):
         generator = step_generator(cfg.seed, accelerator.process_index, step, micro)
         with accelerator.accumulate(run.model):
-            z0 = encode_images(run, batch["pixels"], generator)
-            cond = encode_text(run, batch["captions"])
+            z0, cond = batch_latents(run, batch, generator)
             draws = draw(z0, run.grid, cfg, generator)
             losses = scott_backward(run.model, z0, cond, run.uncond, draws, accelerator.backward)
             finite = torch.tensor([float(torch.isfinite(losses["loss"]).item())], device=accelerator.device)
@@ -214,7 +266,10 @@ def data_batches(run, start_step):
         start_batch=start_step * cfg.grad_accum,
         num_workers=cfg.num_workers,
     )
-    yield from loader
+    for first, batch in enumerate(loader):
+        if first == 0:  # images dropped before training (unreadable, under the smallest bucket) count as skipped
+            batch["skipped"] += getattr(run.dataset, "scan_skipped", 0)
+        yield batch
 
 
 def take_micro_batches(batches, count):
@@ -228,13 +283,27 @@ def take_micro_batches(batches, count):
     return micro, skipped
 
 
+@contextlib.contextmanager
+def on_device(module, device):
+    """`module` on `device` inside the context, back where it was after (the VAE leaves the GPU once latents are
+    cached; validation decodes on the GPU all the same)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if home != torch.device(device) and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def validate(run, step, prompts):
     """Write output/validation/step_N.png on the main process."""
     if not run.accelerator.is_main_process:
         return None
     cfg = run.cfg
     path = Path(cfg.output) / "validation" / f"step_{step:07d}.png"
-    with run.accelerator.autocast():
+    with run.accelerator.autocast(), on_device(run.teacher.vae, run.accelerator.device):
         validation_grid(
             run.unet,
             run.teacher.vae,
@@ -260,8 +329,7 @@ def heldout_batch(run):
     cfg = run.cfg
     (batch,), _ = take_micro_batches(data_batches(run, 0), 1)
     generator = torch.Generator().manual_seed(cfg.seed + HELDOUT_SEED)
-    z0 = encode_images(run, batch["pixels"], generator)
-    cond = encode_text(run, batch["captions"])
+    z0, cond = batch_latents(run, batch, generator)
     return HeldOut(z0, cond, draw(z0, run.grid, cfg, generator), cfg.seed + HELDOUT_SEED + 1)
 
 

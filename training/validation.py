@@ -127,7 +127,7 @@ def sample_latents(unet, cond, steps, alphas_cumprod, latent_shape, gamma=1.0, s
 @torch.no_grad()
 def decode(vae, latents):
     """Latents -> uint8 HWC images."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # CPU once cached
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 

@@ -21,7 +21,7 @@ def test_demo_takes_its_defaults_and_explicit_flags_win(shipped_demo):
     cfg = parse_config(["--teacher", "demo"])
     assert cfg.teacher == str(shipped_demo) and cfg.name == "demo_scott_lora"
     assert (cfg.resolution, cfg.batch_size, cfg.max_steps, cfg.data) == (64, 16, 300, DEMO_DEFAULTS["data"])
-    cfg = parse_config(["--teacher", "demo", "--resolution", "32", "--data", "mine/", "--mode", "lcm"])
+    cfg = parse_config(["--teacher", "demo", "--resolution", "32", "--data", "mine/", "--mode", "lcm", "--no-buckets"])
     assert (cfg.resolution, cfg.batch_size, cfg.data, cfg.name) == (32, 16, "mine/", "demo_lcm_lora")
     other = parse_config(["--teacher", "model.safetensors", "--data", "d"])
     assert (other.resolution, other.batch_size, other.max_steps) == (512, 4, 1000)

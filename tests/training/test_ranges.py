@@ -51,6 +51,11 @@ def test_out_of_range_value_is_one_line_naming_the_flag(name):
         (["--resolution", "63"], "--resolution must be a multiple of 8, >= 8, got 63"),
         (["--caption-dropout", "1.5"], "--caption-dropout must be in [0, 1], got 1.5"),
         (["--w-min", "5", "--w-max", "1"], "need 0 <= --w-min <= --w-max, got 5.0 and 1.0"),
+        (
+            ["--resolution", "96"],
+            "--resolution must be a multiple of 64 with --buckets, got 96: give --resolution 128, or --no-buckets "
+            "for square crops",
+        ),
     ],
 )
 def test_the_cli_refuses_a_new_users_mistakes(tmp_path, tiny_teacher, tiny_data, capsys, flags, message):
@@ -61,6 +66,12 @@ def test_the_cli_refuses_a_new_users_mistakes(tmp_path, tiny_teacher, tiny_data,
 
 
 def test_edges_inside_the_ranges_are_accepted():
-    cfg = parse_config(["--teacher", "t", "--data", "d", "--resolution", "8", "--caption-dropout", "1",
+    cfg = parse_config(["--teacher", "t", "--data", "d", "--no-buckets", "--resolution", "8", "--caption-dropout", "1",
                         "--ema-decay", "0", "--checkpoint-every", "0", "--span", "999", "--adv-weight", "0"])
     assert (cfg.resolution, cfg.caption_dropout, cfg.span, cfg.adv_weight) == (8, 1.0, 999, 0.0)
+
+
+def test_buckets_need_a_multiple_of_64_only_on_the_users_images():
+    assert parse_config(["--teacher", "t", "--data", "d", "--resolution", "192"]).buckets
+    assert parse_config(["--teacher", "t", "--data", "world:4", "--resolution", "32"]).resolution == 32  # square
+    assert parse_config(["--teacher", "t", "--resolution", "40"]).resolution == 40  # data-free: square

@@ -11,7 +11,8 @@ from training.models import STUDENT, TARGET, adapter_params, ema_update, using
 
 @pytest.fixture
 def fixed_batch_run(tiny_teacher, tiny_data, tmp_path, request, tiny_config):
-    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", mode=request.param, lr=1e-3, batch_size=4)
+    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", mode=request.param, lr=1e-3, batch_size=4,
+                      cache_latents=False)  # the tests encode the batch's pixels themselves
     run = build(cfg)
     return run, next(iter(make_loader(run.dataset, 4, 0, 1, seed=0)))
 
