@@ -21,7 +21,7 @@ from scott_core.schedule import alphas_cumprod, lcm_timesteps
 
 from . import metrics, scorers
 from .config import UserError
-from .models import ASSETS, file_sha256, guided_eps_fn, tokenize, unet_eps_fn
+from .models import file_sha256, guided_eps_fn, tokenize, unet_eps_fn
 from .synth import pipeline_generator, plan, teacher_pipeline
 from .validation import decode, grid
 
@@ -168,7 +168,7 @@ def consistency_generator(teacher, steps, gamma, cfg, resolution, device):
 def set_generator(eval_set, teacher, resolution, device):
     """generate(prompts, seeds) for one row: the teacher's DPM-Solver++ pipeline, or the consistency sampler."""
     if eval_set.lora is None:
-        pipe = teacher_pipeline(teacher, ASSETS / "scheduler").to(device)
+        pipe = teacher_pipeline(teacher).to(device)
         return pipeline_generator(pipe, eval_set.steps, eval_set.cfg, resolution)
     return consistency_generator(teacher, eval_set.steps, eval_set.gamma, eval_set.cfg, resolution, device)
 

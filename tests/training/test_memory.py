@@ -1,9 +1,12 @@
 """Memory: the fake-tensor estimator, the hardware defaults written to the config, lean synthesis, and the
 one-line out-of-memory message."""
 
-import json
-
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 import torch
 
 from benchmarks.memory import LiveBytes, estimate, norms_in_fp32
@@ -62,8 +65,8 @@ def test_config_resolves_auto_for_this_machine(tiny_teacher, tiny_data, tmp_path
     argv = tiny_args(tiny_teacher, tiny_data, tmp_path)
     cfg = parse_config(argv)
     assert (cfg.mixed_precision, cfg.gradient_checkpointing) == ("no", False)  # this machine: a CPU
-    cfg.save(tmp_path / "config.json")
-    written = json.loads((tmp_path / "config.json").read_text())
+    cfg.save(tmp_path / "config.toml")
+    written = tomllib.loads((tmp_path / "config.toml").read_text())
     assert (written["mixed_precision"], written["gradient_checkpointing"]) == ("no", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
@@ -82,7 +85,7 @@ def test_synthesis_decodes_one_image_at_a_time(tiny_teacher, tmp_path, tiny_conf
     teacher = load_teacher(tiny_teacher)
     decoded, real_decode = [], teacher.vae._decode
     teacher.vae._decode = lambda z, *a, **k: decoded.append(z.shape[0]) or real_decode(z, *a, **k)
-    folder, made = synth.synthesize_run(cfg, teacher, ["a", "b", "c"], loop.ASSETS / "scheduler", "cpu")
+    folder, made = synth.synthesize_run(cfg, teacher, ["a", "b", "c"], "cpu")
     assert made == 3 and len(list(folder.glob("*.png"))) == 3
     assert decoded == [1, 1, 1]  # one batch of 3, decoded image by image
     assert not teacher.vae.use_slicing  # training's VAE encode is left as it was
