@@ -46,7 +46,8 @@ def single_backward_loss(model, z0, cond, uncond, draws):
 
 @pytest.fixture(params=[False, True], ids=["clean", "renoise"])
 def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config, request):
-    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, disc_renoise=request.param)
+    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, disc_renoise=request.param,
+                      cache_latents=False)  # the tests encode the batch's pixels themselves
     run = build(cfg)
     batch = next(iter(make_loader(run.dataset, 4, 0, 1, seed=0)))
     train_step(run, [batch], step=0)  # non-zero LoRAs, so every gradient below is non-trivial
