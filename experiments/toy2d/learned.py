@@ -73,8 +73,6 @@ ARMS = [
     Arm("ODE", "ode"),
     Arm("ER-SDE 5", "er_sde_5"),
     Arm("noise_strength 0.1", "noise_strength", 0.1),
-    Arm("ODE, h=1", "ode", sub_steps=1),
-    Arm("ER-SDE 5, h=1", "er_sde_5", sub_steps=1),
     Arm("ODE, span 120", "ode", span=120),
     Arm("ER-SDE 5, span 120", "er_sde_5", span=120),
     Arm("ODE, span 120, h=1", "ode", sub_steps=1, span=120),
@@ -353,51 +351,82 @@ def paired(rows, ref_rows, key):
     return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
 
 
-def teacher_job(data_name, name, budget, arms, seeds, iterations, n_eval, n_step0, hops, samplers, adv_weight):
-    """One teacher of one mixture: train it, its eps error, step 0 and step 1; a JSON-ready partial result."""
+def teacher_job(data_name, name, budget, arms, seeds, iterations, n_eval, n_step0, hops, samplers, adv_weight,
+                parts=None):
+    """One teacher of one mixture: train it, its eps error, step 0 and step 1; a JSON-ready partial result, also
+    written to `parts`/DATA__TEACHER.json (after step 0 with "step1" missing, then whole) when `parts` is given."""
     torch.set_num_threads(1)
-    started, mixture = time.time(), DATASETS[data_name]()
+    started, cpu, mixture = time.time(), time.process_time(), DATASETS[data_name]()
     eps_fn = make_teacher(mixture, budget)
-    wall = {"teacher": round(time.time() - started, 1)}
-    s0 = step0(eps_fn, mixture, seeds, n_step0, hops, samplers)
-    wall["step0"] = round(time.time() - started - wall["teacher"], 1)
+    part = _load_part(parts, data_name, name)
+    if part is None:
+        part = {"data": data_name, "name": name,
+                "teacher": {"iterations": budget, "eps_rmse": eps_rmse(eps_fn, mixture)}}
+        s0 = step0(eps_fn, mixture, seeds, n_step0, hops, samplers)
+        part["step0"] = {f"{hop} | {sampler}": _summ(r) | {"per_seed": r} for (hop, sampler), r in s0.items()}
+        part["wall_s"] = {"teacher + step0": round(time.time() - started),
+                          "cpu teacher + step0": round(time.process_time() - cpu)}
+        _save_part(parts, part)
+    else:  # resumed: the teacher was retrained from the same seed; record its error to show it is the same net
+        part["teacher"]["eps_rmse_resumed"] = eps_rmse(eps_fn, mixture)
     log = []
     model = distill(eps_fn, mixture, arms, seeds, iterations, adv_weight=adv_weight, log=log)
     rows = evaluate(model, mixture, arms, seeds, n_eval)
-    samples = sample_students(model, arms, seeds[:1], 2048, 2)
-    wall["step1"] = round(time.time() - started - wall["teacher"] - wall["step0"], 1)
-    print(f"{data_name} / {name}: {wall} s", flush=True)
-    return {
-        "teacher": {"iterations": budget, "eps_rmse": eps_rmse(eps_fn, mixture)},
-        "step0": {f"{hop} | {sampler}": _summ(r) | {"per_seed": r} for (hop, sampler), r in s0.items()},
-        "step1": step1_table(rows, arms),
-        "adv_log": log,
-        "wall_s": wall,
-        "scatter": {a.name: samples[i, 0].tolist() for i, a in enumerate(arms)},
-    }
+    samples = sample_students(model, arms, seeds, 2048, 2)
+    part |= {"step1": step1_table(rows, arms), "adv_log": log,
+             "scatter": {a.name: samples[i, 0].tolist() for i, a in enumerate(arms)}}
+    part["wall_s"] |= {"step1": round(time.time() - started), "cpu step1": round(time.process_time() - cpu)}
+    _save_part(parts, part)
+    print(f"{data_name} / {name}: {part['wall_s']} s", flush=True)
+    return part
+
+
+def _part_path(parts, data_name, name):
+    """parts/DATA__TEACHER.json."""
+    return Path(parts) / f"{data_name}__{''.join(c if c.isalnum() else '_' for c in name)}.json"
+
+
+def _load_part(parts, data_name, name):
+    """A finished step 0 of this job from an earlier run (the run resumes after it), else None."""
+    path = None if parts is None else _part_path(parts, data_name, name)
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _save_part(parts, part):
+    """Write one job's result to parts/DATA__TEACHER.json (no-op without a folder)."""
+    if parts is not None:
+        Path(parts).mkdir(parents=True, exist_ok=True)
+        _part_path(parts, part["data"], part["name"]).write_text(json.dumps(part))
+
+
+def assemble(parts, n_floor=3000, seeds=(0, 1, 2)):
+    """The run's dict from job results (those with a step 1 only in "step1"), plus each mixture's SW2 floor."""
+    out = {k: {} for k in ("teachers", "step0", "step1", "adv_log", "wall_s", "scatter")}
+    for d in dict.fromkeys(p["data"] for p in parts):
+        mixture = DATASETS[d]()
+        floor = [metrics(mixture.sample(n_floor, torch.Generator().manual_seed(s)), mixture, s)["sw2"] for s in seeds]
+        out["teachers"][d] = {"exact samples (SW2 floor)": {"sw2": list(mean_std(floor))}}
+    for part in parts:
+        d, name = part["data"], part["name"]
+        out["teachers"][d][name] = part["teacher"]
+        for key in ("step0", "step1", "adv_log", "wall_s", "scatter"):
+            if key in part:
+                out[key].setdefault(d, {})[name] = part[key]
+    return out
 
 
 def run(datasets, budgets, arms, seeds, iterations, n_eval, n_step0, hops=HOPS, samplers=SAMPLERS, jobs=1,
-        adv_weight=ADV_WEIGHT):
+        adv_weight=ADV_WEIGHT, parts=None):
     """Every (mixture, teacher) job, `jobs` at a time in spawned processes: a JSON-ready dict."""
-    out = {k: {} for k in ("teachers", "step0", "step1", "adv_log", "wall_s", "scatter")}
     tasks = [(d, name, budget) for d in datasets for name, budget in teacher_specs(budgets)]
-    args = (arms, seeds, iterations, n_eval, n_step0, hops, samplers, adv_weight)
+    args = (arms, seeds, iterations, n_eval, n_step0, hops, samplers, adv_weight, parts)
     if jobs > 1:
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
         with pool:
-            parts = list(pool.map(teacher_job, *zip(*[(*t, *args) for t in tasks])))
+            results = list(pool.map(teacher_job, *zip(*[(*t, *args) for t in tasks])))
     else:
-        parts = [teacher_job(*t, *args) for t in tasks]
-    for d in datasets:
-        mixture = DATASETS[d]()
-        floor = [metrics(mixture.sample(n_step0, torch.Generator().manual_seed(s)), mixture, s)["sw2"] for s in seeds]
-        out["teachers"][d] = {"exact samples (SW2 floor)": {"sw2": list(mean_std(floor))}}
-    for (d, name, _), part in zip(tasks, parts):
-        out["teachers"][d][name] = part["teacher"]
-        for key in ("step0", "step1", "adv_log", "wall_s", "scatter"):
-            out[key].setdefault(d, {})[name] = part[key]
-    return out
+        results = [teacher_job(*t, *args) for t in tasks]
+    return assemble(results, n_step0, seeds)
 
 
 def _summ(rows):
@@ -417,6 +446,26 @@ def step1_table(rows, arms):
                 "ref": ref, "d_sw2": list(paired(r, q, "sw2")), "d_coverage": list(paired(r, q, "coverage")),
                 "per_seed": r}
     return out
+
+
+def step0_paired(table, hop, sampler, ref="ODE"):
+    """(mean, SE) of the per-seed SW2 difference sampler - ref on one hop structure of a step-0 table."""
+    return paired(table[f"{hop} | {sampler}"]["per_seed"], table[f"{hop} | {ref}"]["per_seed"], "sw2")
+
+
+def compact(out, data, teacher):
+    """One line per arm: SW2 at 1 / 2 / 4 steps with the paired difference to its reference arm, and coverage."""
+    lines = ["| arm (vs ref) | 1 step | 2 steps | 4 steps | coverage 1 / 2 / 4 |", "|---|---|---|---|---|"]
+    for arm, by_steps in out["step1"][data][teacher].items():
+        cells = []
+        for steps in ("1", "2", "4"):
+            r = by_steps[steps]
+            d = "" if r["ref"] == arm else f" ({r['d_sw2'][0]:+.3f} +- {r['d_sw2'][1]:.3f}{real(r['d_sw2'])})"
+            cells.append(f"{r['sw2'][0]:.3f}{d}")
+        ref = "" if by_steps["1"]["ref"] == arm else f" (vs {by_steps['1']['ref']})"
+        cov = " / ".join(f"{by_steps[k]['coverage'][0]:.2f}" for k in ("1", "2", "4"))
+        lines.append(f"| {arm}{ref} | " + " | ".join(cells) + f" | {cov} |")
+    return "\n".join(lines)
 
 
 def real(diff):
@@ -446,12 +495,21 @@ def markdown(out):
                 cells = [f"{table[f'{h} | {s}']['sw2'][0]:.4f} +- {table[f'{h} | {s}']['sw2'][1]:.4f} / "
                          f"{table[f'{h} | {s}']['coverage'][0]:.2f}" for h in hops]
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines += ["", f"{name}: paired difference in SW2 to the ODE on the same hops (same start noise), "
+                      "mean +- SE", "", "| sampler | " + " | ".join(hops) + " |", "|---" * (len(hops) + 1) + "|"]
+            for s in samplers[1:]:
+                cells = [step0_paired(table, h, s) for h in hops]
+                diffs = " | ".join(f"{d[0]:+.4f} +- {d[1]:.4f}{real(d)}" for d in cells)
+                lines.append(f"| {s} - ODE | {diffs} |")
             lines.append("")
         lines += [f"### {data}: step 1, distilled students (mean +- std over seeds; d = paired difference to the "
                   "reference arm +- standard error; * = |d| > 2 SE)", ""]
-        for name, table in out["step1"][data].items():
-            lines += [f"**teacher: {name}**", "", "| arm | ref | steps | SW2 | d SW2 | coverage | d coverage |",
-                      "|---|---|---|---|---|---|---|"]
+        for name in out["step1"].get(data, {}):
+            lines += [f"**teacher: {name}** (SW2 mean over seeds, paired difference to the reference +- SE)", "",
+                      compact(out, data, name), ""]
+        for name, table in out["step1"].get(data, {}).items():
+            lines += [f"**teacher: {name}**, in full", "",
+                      "| arm | ref | steps | SW2 | d SW2 | coverage | d coverage |", "|---|---|---|---|---|---|---|"]
             for arm, by_steps in table.items():
                 for steps, r in by_steps.items():
                     ref = "-" if r["ref"] == arm else r["ref"]
@@ -472,6 +530,8 @@ def figure(out, path):
     import matplotlib.pyplot as plt
 
     panels = [(d, t) for d in out["step1"] for t in out["step1"][d]]
+    if not panels:
+        return
     fig, axes = plt.subplots(len(panels), 3, figsize=(9, 2.8 * len(panels)), squeeze=False)
     for row, (d, t) in enumerate(panels):
         table, scatter = out["step1"][d][t], out["scatter"][d][t]
@@ -497,10 +557,11 @@ def figure(out, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ring8, ODE vs ER-SDE 5, 1 seed, small budgets")
-    parser.add_argument("--iterations", type=int, default=None, help="distillation iterations (default 1500)")
+    parser.add_argument("--iterations", type=int, default=None, help="distillation iterations (default 1200)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3)")
     parser.add_argument("--datasets", nargs="+", default=None, choices=sorted(DATASETS), help="default ring8")
     parser.add_argument("--jobs", type=int, default=1, help="teachers trained and distilled in parallel processes")
+    parser.add_argument("--from-parts", default=None, help="only rebuild the report from a run's parts folder")
     parser.add_argument("--output", default="docs", help="folder for toy2d_learned.{md,png,json}")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -509,15 +570,20 @@ def main(argv=None):
         budgets, arms, n_eval, n_step0 = QUICK_BUDGETS, QUICK_ARMS, 2000, 1000
         hops, samplers = [h for h in HOPS if h[0] in ("span 24, h=3", "1000 steps")], SAMPLERS[:2]
     else:
-        budgets, arms, n_eval, n_step0, hops, samplers = BUDGETS, ARMS, 5000, 3000, HOPS, SAMPLERS
-    iterations = args.iterations or (200 if args.quick else 1500)
+        budgets, arms, n_eval, n_step0, hops, samplers = BUDGETS, ARMS, 3000, 2000, HOPS, SAMPLERS
+    iterations = args.iterations or (200 if args.quick else 1200)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     datasets = args.datasets or ["ring8"]
-    out = run(datasets, budgets, arms, seeds, iterations, n_eval, n_step0, hops, samplers, args.jobs)
+    output, name = Path(args.output), "toy2d_learned_quick" if args.quick else "toy2d_learned"
+    if args.from_parts:
+        parts = [json.loads(p.read_text()) for p in sorted(Path(args.from_parts).glob("*.json"))]
+        out = assemble(parts, n_step0, seeds)
+    else:
+        out = run(datasets, budgets, arms, seeds, iterations, n_eval, n_step0, hops, samplers, args.jobs,
+                  parts=output / f"{name}_parts")
     out["config"] = {"iterations": iterations, "seeds": seeds, "budgets": budgets, "n_eval": n_eval,
                      "n_step0": n_step0, "arms": [a.__dict__ for a in arms], "adv_weight": ADV_WEIGHT,
                      "total_s": round(time.time() - started)}
-    output, name = Path(args.output), "toy2d_learned_quick" if args.quick else "toy2d_learned"
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}_tables.md").write_text(markdown(out) + "\n")
     (output / f"{name}.json").write_text(json.dumps({k: v for k, v in out.items() if k != "scatter"}, indent=1))

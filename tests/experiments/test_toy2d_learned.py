@@ -48,7 +48,7 @@ def test_arms_pass_noise_strength_only_to_the_solver_that_reads_it():
     assert kwargs["ODE, span 120, h=1"] == {"solver": "ode", "sub_steps": 1}
     refs = {a.name: a.reference() for a in learned.ARMS}
     assert refs["ER-SDE 5, span 120, h=1"] == "ODE, span 120, h=1"
-    assert refs["ER-SDE 5 + adv"] == "ODE + adv" and refs["ODE, h=1"] == "ODE"
+    assert refs["ER-SDE 5 + adv"] == "ODE + adv" and refs["ODE, span 120"] == "ODE"
 
 
 def test_controlled_error_teacher_samples_the_perturbed_mixture():
