@@ -82,8 +82,8 @@ ARMS = [
 ]
 QUICK_ARMS = ARMS[:2]
 ADV_WEIGHT = 0.05  # puts the adversarial gradient at the student's output at ~0.2-0.3x the consistency gradient
-BUDGETS = [("under-trained (1000 it)", 1000), ("well-trained (6000 it)", 6000)]
-QUICK_BUDGETS = [("under-trained (60 it)", 60), ("well-trained (800 it)", 800)]
+BUDGETS = [("under-trained (1000 it)", 1000), ("well-trained (6000 it)", 6000), ("controlled", None)]
+QUICK_BUDGETS = [("under-trained (60 it)", 60), ("well-trained (800 it)", 800), ("controlled", None)]
 
 # Step 0 samplers: (name, solve kwargs); hop structures: (name, span, sub-steps per hop); None = 1000 steps.
 SAMPLERS = [
@@ -170,9 +170,13 @@ def teacher_x0(eps_fn, z, t):
 CONTROLLED = (1.1, 1.5)
 
 
+TEACHER_KINDS = ("under-trained", "well-trained", "controlled")
+
+
 def teacher_specs(budgets, controlled=CONTROLLED):
-    """[(name, iterations or None)]: the DSM budgets, then the controlled-error teacher (None)."""
-    return [*budgets, (f"controlled (radius x{controlled[0]}, std x{controlled[1]})", None)]
+    """[(name, iterations or None)]: the budgets, ("controlled", None) renamed after its perturbation."""
+    name = f"controlled (radius x{controlled[0]}, std x{controlled[1]})"
+    return [(name, None) if b[0] == "controlled" else b for b in budgets]
 
 
 def make_teacher(mixture, iterations, controlled=CONTROLLED):
@@ -560,6 +564,8 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=None, help="distillation iterations (default 1200)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3)")
     parser.add_argument("--datasets", nargs="+", default=None, choices=sorted(DATASETS), help="default ring8")
+    parser.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS], help="default: all")
+    parser.add_argument("--teachers", nargs="+", default=None, choices=TEACHER_KINDS, help="default: all three")
     parser.add_argument("--jobs", type=int, default=1, help="teachers trained and distilled in parallel processes")
     parser.add_argument("--from-parts", default=None, help="only rebuild the report from a run's parts folder")
     parser.add_argument("--output", default="docs", help="folder for toy2d_learned.{md,png,json}")
@@ -574,6 +580,8 @@ def main(argv=None):
     iterations = args.iterations or (200 if args.quick else 1200)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     datasets = args.datasets or ["ring8"]
+    arms = [a for a in ARMS if a.name in args.arms] if args.arms else arms
+    budgets = [b for b in budgets if b[0].split(" ")[0] in (args.teachers or TEACHER_KINDS)]
     output, name = Path(args.output), "toy2d_learned_quick" if args.quick else "toy2d_learned"
     if args.from_parts:
         parts = [json.loads(p.read_text()) for p in sorted(Path(args.from_parts).glob("*.json"))]
