@@ -1,6 +1,6 @@
 """toy2d where Theorem 1 can apply: consistency distillation from *learned* (imperfect) teachers.
 
-The exact-score toy (training.experiments.toy2d) has no teacher error for a better solver to remove. Here the
+The exact-score toy (experiments.toy2d) has no teacher error for a better solver to remove. Here the
 teachers are eps-MLPs trained by denoising score matching on the SD1.5 VP schedule (an under-trained and a
 well-trained budget) plus a controlled-error teacher (the exact score of a mixture whose modes sit `radius_scale`
 further out with stds scaled by `std_scale`).
@@ -27,11 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scott_core import schedule
-from scott_core.consistency import consistency_function, x0_from_eps
-from scott_core.solvers import solve
-from training.experiments.gmm import GaussianMixture
-from training.experiments.toy2d import (
+from experiments.toy2d.experiment import (
     AB,
     DATASETS,
     Student,
@@ -41,6 +37,10 @@ from training.experiments.toy2d import (
     sample_students,
     stratified_sample,
 )
+from experiments.toy2d.mixture import GaussianMixture
+from scott_core import schedule
+from scott_core.consistency import consistency_function, x0_from_eps
+from scott_core.solvers import solve
 
 STEP_COUNTS = (1, 2, 4)
 

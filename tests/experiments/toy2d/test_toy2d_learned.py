@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from experiments.toy2d import experiment as toy2d
 from experiments.toy2d import learned
-from training.experiments import toy2d
 
 
 @pytest.fixture(autouse=True)
