@@ -198,9 +198,9 @@ def scott_backward(model, z0, cond, uncond, draws, backward=torch.Tensor.backwar
         est = model("estimate", z0, cond, uncond, draws)
     losses = {}
     if est.fake is not None:
-        disc, losses["disc_margin"] = model("discriminator_loss", est)
+        disc, margin = model("discriminator_loss", est)
         backward(disc)
-        losses["disc"] = disc.detach()
+        losses["disc"], losses["disc_margin"] = disc.detach(), margin
         del disc  # the disc's graph is freed before the student's is built
     weight = 0.0 if warmup else model_cfg(model).adv_weight
     objective, logged = model("student_loss", est, weight)
