@@ -26,8 +26,8 @@ from training.models import (
     DiscriminatorHead,
     add_adapters,
     enable_checkpointing,
+    feature_channels,
     unet_eps_fn,
-    up_block_channels,
 )
 from training.step import SCottStep, draw, scott_backward
 
@@ -156,8 +156,9 @@ def build(cfg, model, device, fake_mode=None):
         for module in (unet, vae, text):
             module.requires_grad_(False).to(dtype)
         adversarial = cfg.adv_weight > 0
-        add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if adversarial else None)
-        head = DiscriminatorHead(up_block_channels(unet)) if adversarial else None
+        disc_rank = cfg.disc_lora_rank if adversarial else None
+        add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, disc_rank, cfg.disc_features)
+        head = DiscriminatorHead(feature_channels(unet, cfg.disc_features)) if adversarial else None
     if cfg.gradient_checkpointing:
         enable_checkpointing(unet)
     step = SCottStep(unet, cfg, alphas_cumprod(), head)

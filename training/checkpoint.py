@@ -41,7 +41,8 @@ def register_hooks(accelerator):
             expected = set(trainable_state(model))
             if set(state) != expected:
                 raise UserError(
-                    f"checkpoint {input_dir} does not match this run's adapters (other rank or --adv-weight?)"
+                    f"checkpoint {input_dir} does not match this run's adapters "
+                    "(other rank, --adv-weight or --disc-features?)"
                 )
             model.load_state_dict(state, strict=False)
 

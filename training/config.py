@@ -21,6 +21,7 @@ from .sources import WORLD_PREFIX, DataSource, parse_source
 
 MODES = ("scott", "lcm")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+DISC_FEATURES = ("up", "down_mid")  # where the discriminator's features (and its LoRA) come from
 
 # What each mode means for the fields left unset (None): SCott (METHOD.md 2-4), vanilla CD (LCM). Neither mode's
 # solver takes a knob (--eta is DDIM's, --noise-strength the noise_strength family's), so none is set here.
@@ -217,7 +218,18 @@ class MethodOptions:
         "weight of the adversarial loss (0 turns it and the discriminator off); default 0.4 (scott), 0 (lcm)",
         range=AT_LEAST_0,
     )
-    disc_renoise: bool = _opt(False, "score real and fake latents re-noised to t_n instead of clean at t_n")
+    disc_renoise: bool = _opt(
+        False,
+        "the discriminator scores real and fake latents re-noised with fresh noise (the same for both) to a fresh "
+        "timestep drawn uniformly from the grid, and is told that timestep; off: clean latents, told t_n",
+    )
+    disc_features: str = _opt(
+        "up",
+        "the discriminator's features (mean-pooled into its head) and the blocks its LoRA sits on: up = the "
+        "UNet's up blocks; down_mid = the down blocks and the mid block, as SDXL-Lightning and ADD use (its "
+        "UNet pass stops after the mid block, about half the cost)",
+        choices=DISC_FEATURES,
+    )
 
 
 @dataclass
@@ -226,6 +238,12 @@ class OptimOptions:
 
     lr: float = _opt(1e-4, "student LoRA learning rate (AdamW)", range=POSITIVE)
     disc_lr: float = _opt(2e-5, "discriminator (LoRA + head) learning rate", range=POSITIVE)
+    disc_head_warmup: int = _opt(
+        0,
+        "for the first N optimiser steps only the discriminator trains against the student's estimates; the "
+        "student gets no adversarial term (0: off)",
+        range=AT_LEAST_0,
+    )
     lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up in optimiser steps (0: off)", range=AT_LEAST_0)
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", range=AT_LEAST_0)
     batch_size: int = _opt(4, "images per process per micro-batch", range=AT_LEAST_1)

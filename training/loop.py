@@ -29,9 +29,9 @@ from .models import (
     check_teacher_path,
     ema_update,
     enable_checkpointing,
+    feature_channels,
     load_teacher,
     tokenize,
-    up_block_channels,
 )
 from .sources import ImageFolder, World
 from .step import SCottStep, draw, scott_backward
@@ -113,10 +113,10 @@ def build(cfg):
     unet = teacher.unet
     set_seed(cfg.seed)  # LoRA A and head initialisation (the same on every process)
     adversarial = cfg.adv_weight > 0
-    add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if adversarial else None)
+    add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if adversarial else None, cfg.disc_features)
     if cfg.gradient_checkpointing:
         enable_checkpointing(unet)
-    head = DiscriminatorHead(up_block_channels(unet)) if adversarial else None
+    head = DiscriminatorHead(feature_channels(unet, cfg.disc_features)) if adversarial else None
     model = SCottStep(unet, cfg, alphas_cumprod(), head)
     groups = [{"params": [p for n, p in unet.named_parameters() if f".{STUDENT}." in n], "lr": cfg.lr}]
     if adversarial:
@@ -241,7 +241,8 @@ def train_step(run, batches, step):
         with accelerator.accumulate(run.model):
             z0, cond = batch_latents(run, batch, generator)
             draws = draw(z0, run.grid, cfg, generator)
-            losses = scott_backward(run.model, z0, cond, run.uncond, draws, accelerator.backward)
+            warmup = step < cfg.disc_head_warmup
+            losses = scott_backward(run.model, z0, cond, run.uncond, draws, accelerator.backward, warmup)
             finite = torch.tensor([float(torch.isfinite(losses["loss"]).item())], device=accelerator.device)
             if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
                 raise TrainingDiverged(f"loss is {losses['loss'].item()} at step {step + 1}: stopped")
@@ -402,6 +403,8 @@ def train(cfg):
                     {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": skipped},
                     step=step,
                 )
+            if accelerator.is_main_process and step % cfg.log_every == 0:  # the disc's hinge, margin, ratio too
+                log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items()))
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_good = [checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)]
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):

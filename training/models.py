@@ -30,10 +30,13 @@ STUDENT_TARGETS = [
     "upsamplers.0.conv",
     "time_emb_proj",
 ]
-# The discriminator's LoRA: the same kinds of layers, in the UNet's up (decoder) blocks only.
-DISC_TARGETS = (
-    r"up_blocks\.\d+\..*\.(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)"
-)
+# The discriminator's LoRA: the same kinds of layers, only in the blocks its features come from (--disc-features):
+# the up (decoder) blocks, or the down (encoder) blocks and the mid block.
+DISC_LAYERS = r"(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)"
+DISC_TARGETS = {
+    "up": rf"up_blocks\.\d+\..*\.{DISC_LAYERS}",
+    "down_mid": rf"(down_blocks\.\d+|mid_block)\..*\.{DISC_LAYERS}",
+}
 STUDENT, TARGET, DISC = "student", "target", "disc"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -189,8 +192,9 @@ def lora_config(rank, alpha, targets):
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
 
 
-def add_adapters(unet, rank, alpha, disc_rank=None):
-    """Student (trainable), target (its EMA copy, frozen) and, given disc_rank, the discriminator's LoRA."""
+def add_adapters(unet, rank, alpha, disc_rank=None, disc_features="up"):
+    """Student (trainable), target (its EMA copy, frozen) and, given disc_rank, the discriminator's LoRA on the
+    blocks its features come from."""
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="Already found a `peft_config`"
@@ -198,7 +202,7 @@ def add_adapters(unet, rank, alpha, disc_rank=None):
         unet.add_adapter(lora_config(rank, alpha, STUDENT_TARGETS), adapter_name=STUDENT)
         unet.add_adapter(lora_config(rank, alpha, STUDENT_TARGETS), adapter_name=TARGET)
         if disc_rank:
-            unet.add_adapter(lora_config(disc_rank, disc_rank, DISC_TARGETS), adapter_name=DISC)
+            unet.add_adapter(lora_config(disc_rank, disc_rank, DISC_TARGETS[disc_features]), adapter_name=DISC)
     for name, param in unet.named_parameters():
         if ".lora_" in name:
             param.data = param.data.float()  # adapters train (and average) in fp32 over a bf16/fp16 base
@@ -277,7 +281,7 @@ def using(unet, adapter):
 
 
 class DiscriminatorHead(nn.Module):
-    """One logit per sample from the UNet's up-block features: mean-pool each block, concat, small MLP."""
+    """One logit per sample from the UNet's block features: mean-pool each block, concat, small MLP."""
 
     def __init__(self, channels, hidden=256):
         super().__init__()
@@ -293,16 +297,44 @@ def up_block_channels(unet):
     return list(reversed(unet.config.block_out_channels))
 
 
-@contextlib.contextmanager
-def capture_up_blocks(unet):
-    """Collect each up block's output during the forward passes inside the context."""
+def feature_channels(unet, source="up"):
+    """Channels of each feature the disc's head pools: the up blocks' ('up'), or each down block's then the mid
+    block's ('down_mid')."""
+    if source == "up":
+        return up_block_channels(unet)
+    channels = list(unet.config.block_out_channels)
+    return [*channels, channels[-1]]
+
+
+class _FeaturesTaken(Exception):
+    """Raised by the mid block's hook under 'down_mid': the disc needs nothing the UNet computes after it."""
+
+
+def unet_features(unet, source, x, t, cond):
+    """The disc's features of one pass of the UNet's active adapter: each up block's output ('up'), or each down
+    block's and the mid block's ('down_mid': the pass stops after the mid block, so the up blocks never run)."""
     features = []
-    hooks = [block.register_forward_hook(lambda m, i, o: features.append(o)) for block in unet.up_blocks]
+
+    def take(module, inputs, output):
+        features.append(output[0] if isinstance(output, tuple) else output)
+
+    def take_and_stop(module, inputs, output):
+        take(module, inputs, output)
+        raise _FeaturesTaken
+
+    if source == "up":
+        hooks = [block.register_forward_hook(take) for block in unet.up_blocks]
+    else:
+        hooks = [block.register_forward_hook(take) for block in unet.down_blocks]
+        hooks.append(unet.mid_block.register_forward_hook(take_and_stop))
     try:
-        yield features
+        unet(x, t.to(x.device), encoder_hidden_states=cond)
+    except _FeaturesTaken:
+        pass
     finally:
         for hook in hooks:
             hook.remove()
+    return features
 
 
 def unet_eps_fn(unet, cond):

@@ -1,7 +1,9 @@
 """One SCott training iteration (METHOD.md section 2), in phases: (a) the noisy latent, the teacher's solve, the
 target and the student's clean estimate, all without grad; (b) the discriminator's hinge update on real vs the
 detached estimate; (c) the student's update: consistency loss plus the weighted generator term, through the
-frozen discriminator's gradient at the estimate. Each update has its own backward, so only one graph is alive."""
+frozen discriminator's gradient at the estimate. Each update has its own backward, so only one graph is alive.
+Besides the losses the step reports how its discriminator fares: the margin mean D(real) - mean D(fake) and the
+ratio of the adversarial to the consistency gradient at the student's output."""
 
 from dataclasses import dataclass
 
@@ -12,7 +14,7 @@ from scott_core.sampling import add_noise, consistency_denoiser
 from scott_core.schedule import append_dims, skip_timestep
 from scott_core.solvers import solve
 
-from .models import DISC, STUDENT, TARGET, capture_up_blocks, frozen, guided_eps_fn, unet_eps_fn, using
+from .models import DISC, STUDENT, TARGET, frozen, guided_eps_fn, unet_eps_fn, unet_features, using
 
 
 @dataclass
@@ -24,6 +26,8 @@ class Draws:
     w: torch.Tensor  # float [B]
     drop: torch.Tensor  # bool [B]: caption replaced by the empty caption
     generator: torch.Generator  # for the teacher's SDE noise
+    disc_t: torch.Tensor | None = None  # --disc-renoise: the disc's own timestep [B] (a fresh draw) ...
+    disc_noise: torch.Tensor | None = None  # ... and its own noise, like z0, the same for real and fake
 
 
 @dataclass
@@ -34,24 +38,41 @@ class Estimate:
     z_n: torch.Tensor  # z0 noised to t_n
     t_n: torch.Tensor
     cond: torch.Tensor  # caption embeddings after dropout
-    noise: torch.Tensor  # the draw that made z_n (re-used by --disc-renoise)
     f_target: torch.Tensor  # the target LoRA's f(z_m, t_m) after the teacher's solve t_n -> t_m
     fake: torch.Tensor | None  # the student's f(z_n, t_n) (None without the adversarial loss)
+    disc_t: torch.Tensor | None = None  # --disc-renoise: the disc's timestep and noise (Draws')
+    disc_noise: torch.Tensor | None = None
+
+
+DISC_SALT = 0x5C077D15C  # the disc's generator seed: the step generator's seed xor this
 
 
 def draw(z0, grid, cfg, generator):
-    """t_n uniform on the grid, noise ~ N(0, I), w ~ U[w_min, w_max], caption dropout ~ Bernoulli."""
+    """t_n uniform on the grid, noise ~ N(0, I), w ~ U[w_min, w_max], caption dropout ~ Bernoulli; with
+    --disc-renoise also the disc's timestep (uniform on the grid) and noise, from a generator of their own seeded
+    from `generator`'s seed, so that the step generator's stream (the teacher's SDE noise) stays as it was."""
     batch = z0.shape[0]
     t_n = grid[torch.randint(len(grid), (batch,), generator=generator)]
     noise = torch.randn(z0.shape, generator=generator, dtype=torch.float32).to(z0.device)
     w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch, generator=generator)
     drop = torch.rand(batch, generator=generator) < cfg.caption_dropout
-    return Draws(t_n, noise, w, drop, generator)
+    draws = Draws(t_n, noise, w, drop, generator)
+    if cfg.disc_renoise:
+        own = torch.Generator().manual_seed((generator.initial_seed() ^ DISC_SALT) % 2**63)
+        draws.disc_t = grid[torch.randint(len(grid), (batch,), generator=own)]
+        draws.disc_noise = torch.randn(z0.shape, generator=own, dtype=torch.float32).to(z0.device)
+    return draws
 
 
 def pseudo_huber(a, b, c):
     """mean(sqrt((a - b)^2 + c^2) - c)."""
     return (((a.float() - b.float()) ** 2 + c**2).sqrt() - c).mean()
+
+
+def pseudo_huber_grad(a, b, c):
+    """d pseudo_huber(a, b, c) / d a in closed form: (a - b) / sqrt((a - b)^2 + c^2) / a.numel()."""
+    diff = a.float() - b.float()
+    return diff / (diff**2 + c**2).sqrt() / diff.numel()
 
 
 def hinge_d_loss(real, fake):
@@ -86,14 +107,17 @@ class SCottStep(nn.Module):
         return guided_eps_fn(self.unet, cond, uncond, w)
 
     def discriminate(self, x, t, c):
-        """One logit per sample: the UNet with the disc LoRA, its up-block features into the head."""
-        with using(self.unet, DISC), capture_up_blocks(self.unet) as features:
-            self.unet(x, t.to(x.device), encoder_hidden_states=c)
+        """One logit per sample: the UNet with the disc LoRA, its block features (--disc-features) into the head."""
+        with using(self.unet, DISC):
+            features = unet_features(self.unet, self.cfg.disc_features, x, t, c)
         return self.head(features)
 
     def renoised(self, x, est):
-        """The discriminator's input for a clean latent: x itself, or x noised to t_n (--disc-renoise)."""
-        return add_noise(x, est.noise, est.t_n, self.alphas_cumprod.cpu()) if self.cfg.disc_renoise else x
+        """(The disc's input for a clean latent, its timestep): x told t_n, or (--disc-renoise) x noised to the
+        disc's fresh timestep with its fresh noise, the same draw for real and fake, told that timestep."""
+        if not self.cfg.disc_renoise:
+            return x, est.t_n
+        return add_noise(x, est.disc_noise, est.disc_t, self.alphas_cumprod.cpu()), est.disc_t
 
     @torch.no_grad()
     def estimate(self, z0, cond, uncond, draws):
@@ -123,21 +147,21 @@ class SCottStep(nn.Module):
         if self.adversarial:
             with using(self.unet, STUDENT):
                 fake = self.consistency(z_n, t_n, cond)
-        return Estimate(z0, z_n, t_n, cond, draws.noise, f_target, fake)
+        return Estimate(z0, z_n, t_n, cond, f_target, fake, draws.disc_t, draws.disc_noise)
 
     def discriminator_loss(self, est):
-        """(b) The hinge loss on D(real) vs D(detached fake); its gradient reaches only the disc."""
-        t, c = est.t_n, est.cond
-        d_real, d_fake = self.discriminate(
-            torch.cat([self.renoised(est.z0, est), self.renoised(est.fake, est)]), torch.cat([t, t]), torch.cat([c, c])
-        ).chunk(2)
-        return hinge_d_loss(d_real, d_fake)
+        """(b) The hinge loss on D(real) vs D(detached fake), whose gradient reaches only the disc; and the margin
+        mean D(real) - mean D(fake) (detached)."""
+        (real, t), (fake, _) = self.renoised(est.z0, est), self.renoised(est.fake, est)
+        c = est.cond
+        d_real, d_fake = self.discriminate(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([c, c])).chunk(2)
+        return hinge_d_loss(d_real, d_fake), (d_real.mean() - d_fake.mean()).detach()
 
     def generator_grad(self, est):
         """(adv_g, d adv_g / d fake) with adv_g = -mean D(fake), the discriminator frozen."""
         fake = est.fake.detach().requires_grad_(True)
         with torch.enable_grad(), frozen(self.unet, DISC, self.head):
-            adv_g = -self.discriminate(self.renoised(fake, est), est.t_n, est.cond).mean()
+            adv_g = -self.discriminate(*self.renoised(fake, est), est.cond).mean()
             (grad,) = torch.autograd.grad(adv_g, fake)
         return adv_g.detach(), grad
 
@@ -147,35 +171,41 @@ class SCottStep(nn.Module):
             f_student = self.consistency(est.z_n, est.t_n, est.cond)
         return pseudo_huber(f_student, est.f_target, self.cfg.huber_c), f_student
 
-    def student_loss(self, est):
+    def student_loss(self, est, adv_weight=None):
         """(c) cd + adv_weight * adv_g as the student sees it: the generator term enters as <grad, f_student>,
-        whose gradient is the generator term's through the student's output. Returns (objective, logged losses)."""
+        whose gradient is the generator term's through the student's output. adv_weight: the config's unless given
+        (0 during --disc-head-warmup: no generator term). Returns (objective, logged losses), the logged ones with
+        adv_cd_grad_ratio = ||adv_weight * d adv_g / df|| / ||d cd / df|| at the student's output f."""
+        weight = self.cfg.adv_weight if adv_weight is None else adv_weight
         losses = {}
-        if self.adversarial:
+        if self.adversarial and weight > 0:
             losses["adv_g"], grad = self.generator_grad(est)
         losses["cd"], f_student = self.consistency_loss(est)
         objective = losses["cd"]
-        if self.adversarial:
-            objective = objective + self.cfg.adv_weight * (f_student.float() * grad).sum()
+        if "adv_g" in losses:
+            objective = objective + weight * (f_student.float() * grad).sum()
+            cd_grad = pseudo_huber_grad(f_student.detach(), est.f_target, self.cfg.huber_c)
+            losses["adv_cd_grad_ratio"] = weight * grad.norm() / cd_grad.norm().clamp_min(1e-30)
         return objective, losses
 
 
-def scott_backward(model, z0, cond, uncond, draws, backward=torch.Tensor.backward):
+def scott_backward(model, z0, cond, uncond, draws, backward=torch.Tensor.backward, warmup=False):
     """The phased iteration the loop runs: (a) estimate, (b) disc backward, (c) student backward; `model` is the
-    SCottStep or its DDP wrapper, `backward` the accelerator's. Returns the losses (detached); 'loss' is
-    cd + adv_weight * adv_g + disc."""
+    SCottStep or its DDP wrapper, `backward` the accelerator's; warmup: a --disc-head-warmup step (the disc trains,
+    the student sees no generator term). Returns the losses (detached): 'loss' is cd + adv_weight * adv_g + disc;
+    with the disc also 'disc_margin' and (outside warm-up) 'adv_cd_grad_ratio', which 'loss' leaves out."""
     with torch.no_grad():
         est = model("estimate", z0, cond, uncond, draws)
     losses = {}
     if est.fake is not None:
-        disc = model("discriminator_loss", est)
+        disc, margin = model("discriminator_loss", est)
         backward(disc)
-        losses["disc"] = disc.detach()
+        losses["disc"], losses["disc_margin"] = disc.detach(), margin
         del disc  # the disc's graph is freed before the student's is built
-    objective, logged = model("student_loss", est)
+    weight = 0.0 if warmup else model_cfg(model).adv_weight
+    objective, logged = model("student_loss", est, weight)
     backward(objective)
     losses.update({k: v.detach() for k, v in logged.items()})
-    weight = model_cfg(model).adv_weight
     losses["loss"] = losses["cd"] + weight * losses.get("adv_g", 0.0) + losses.get("disc", 0.0)
     return losses
 

@@ -33,20 +33,24 @@ def single_backward_loss(model, z0, cond, uncond, draws):
     with using(model.unet, STUDENT):
         f_student = model.consistency(z_n, t_n, cond)
     cd = pseudo_huber(f_student, f_target, cfg.huber_c)
-    real, fake = z0, f_student
-    if cfg.disc_renoise:
-        real, fake = alpha * real + sigma * draws.noise, alpha * fake + sigma * draws.noise
+    real, fake, t_d = z0, f_student, t_n
+    if cfg.disc_renoise:  # fresh noise at a fresh timestep, the same for real and fake
+        a_d, s_d = (append_dims(v.to(z0.dtype), z0.ndim) for v in alpha_sigma(draws.disc_t, ab))
+        real, fake, t_d = a_d * real + s_d * draws.disc_noise, a_d * fake + s_d * draws.disc_noise, draws.disc_t
     d_real, d_fake_detached = model.discriminate(
-        torch.cat([real, fake.detach()]), torch.cat([t_n, t_n]), torch.cat([cond, cond])
+        torch.cat([real, fake.detach()]), torch.cat([t_d, t_d]), torch.cat([cond, cond])
     ).chunk(2)
-    d_fake = model.discriminate(fake, t_n, cond)
+    d_fake = model.discriminate(fake, t_d, cond)
     adv_g, disc = -d_fake.mean(), hinge_d_loss(d_real, d_fake_detached)
     return cd + cfg.adv_weight * (adv_g + d_fake_detached.mean()) + disc, cd
 
 
-@pytest.fixture(params=[False, True], ids=["clean", "renoise"])
+DISC_OPTIONS = [{}, {"disc_renoise": True}, {"disc_renoise": True, "disc_features": "down_mid"}]
+
+
+@pytest.fixture(params=DISC_OPTIONS, ids=["clean", "renoise", "renoise-down_mid"])
 def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config, request):
-    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, disc_renoise=request.param,
+    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, **request.param,
                       cache_latents=False)  # the tests encode the batch's pixels themselves
     run = build(cfg)
     batch = next(iter(make_loader(run.dataset, 4, 0, 1, seed=0)))
