@@ -18,7 +18,8 @@ from training.step import draw, hinge_d_loss, pseudo_huber, pseudo_huber_grad, s
 
 @pytest.fixture(params=[{}, {"disc_renoise": True, "disc_features": "down_mid"}], ids=["clean-up", "renoise-down_mid"])
 def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config, request):
-    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, **request.param)
+    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, **request.param,
+                      cache_latents=False)  # the tests encode the batch's pixels themselves
     run = build(cfg)
     batch = next(iter(make_loader(run.dataset, 4, 0, 1, seed=0)))
     train_step(run, [batch], step=0)  # non-zero LoRAs and a trained head
