@@ -9,14 +9,15 @@ baseline (a separate frozen teacher copy), on a tiny SD-family UNet or a random 
     python benchmarks/bench_train.py --measure --model sd15 --resolution 512 --batch-size 8 --mixed-precision bf16
 
 --estimate-memory runs the trainer's own step on fake tensors (benchmarks/memory.py) and prints one JSON line per
-configuration (scott and lcm, each without and with gradient checkpointing, and the data-free sampler): the
-estimated GPU peak in GiB, per phase, and the step's FLOPs. --measure runs the same on a CUDA GPU with random
+configuration (scott and lcm, each without and with gradient checkpointing, with the latent cache as the trainer's
+default; scott without the cache, whose step encodes pixels and captions; the data-free sampler): the estimated GPU
+peak in GiB, per phase, and the step's FLOPs. --measure runs the same on a CUDA GPU with random
 weights and prints torch.cuda.max_memory_allocated / max_memory_reserved.
 
 Each (mode, design) runs in its own process so that peak memory (RSS on the CPU, max allocated on CUDA) is
 its own. Random weights and inputs: the figures measure compute and memory, not quality. VAE and text encoder
-are loaded in every configuration (as in training) but not run: both designs encode identically. Under bf16
-the frozen base weights are bf16 and the LoRA weights fp32, as in the trainer.
+are loaded in every configuration (as in --no-cache-latents training) but not run: both designs encode
+identically. Under bf16 the frozen base weights are bf16 and the LoRA weights fp32, as in the trainer.
 """
 
 import argparse
@@ -129,7 +130,11 @@ def worker(args):
     }))
 
 
-MEMORY_CONFIGS = (("scott", False), ("scott", True), ("lcm", False), ("lcm", True), ("synth", False))
+# (config, gradient checkpointing, latent cache)
+MEMORY_CONFIGS = (
+    ("scott", False, True), ("scott", True, True), ("lcm", False, True), ("lcm", True, True),
+    ("scott", False, False), ("synth", False, True),
+)
 
 
 def memory_table(args):
@@ -137,9 +142,9 @@ def memory_table(args):
     if args.measure and not torch.cuda.is_available():
         sys.exit("error: --measure needs a CUDA GPU; use --estimate-memory on this machine")
     run = measure if args.measure else estimate
-    for config, checkpointing in MEMORY_CONFIGS:
+    for config, checkpointing, cache in MEMORY_CONFIGS:
         started = time.perf_counter()
-        result = run(config, args.model, args.resolution, args.batch_size, args.mixed_precision, checkpointing)
+        result = run(config, args.model, args.resolution, args.batch_size, args.mixed_precision, checkpointing, cache)
         print(json.dumps({**result, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
 

@@ -1,8 +1,12 @@
 """GPU peak-memory and FLOP estimates of the trainer's own step, run on fake tensors: no weights, no GPU.
 
 The model is built on the meta device, its parameters made fake (FakeTensorMode), and the loop's functions
-(`encode_images`, `scott_backward`, the AdamW step) run on them. A TorchDispatchMode counts the bytes of live
-storages, each rounded up to 512 B as the CUDA caching allocator rounds; torch's FlopCounterMode counts FLOPs.
+(`batch_latents`, `scott_backward`, the AdamW step) run on them. With the latent cache (the trainer's default)
+z0 is drawn from a cached mean and std and the caption's hidden states come from the cache: no VAE or text-encoder
+pass in the step, and their weights are off the GPU (the loop moves them to the CPU after caching). Without it
+(`--no-cache-latents`) the step encodes the batch's pixels and captions, with both encoders' weights on the GPU.
+A TorchDispatchMode counts the bytes of live storages, each rounded up to 512 B as the CUDA caching allocator
+rounds, and FLOPs by torch.utils.flop_counter's formulas.
 CPU autocast stands in for CUDA autocast, with group_norm / layer_norm upcast to fp32 as CUDA autocast does.
 What it does not see: the CUDA context (~0.3-0.5 GiB), cuDNN / cuBLAS workspaces, and allocator fragmentation
 (max_memory_reserved above max_memory_allocated), so a real run peaks somewhat higher.
@@ -20,7 +24,7 @@ from torch.utils.flop_counter import flop_registry
 
 from scott_core.schedule import alphas_cumprod, training_grid
 from training.config import DistillConfig
-from training.loop import encode_images, weight_dtype
+from training.loop import batch_latents, weight_dtype
 from training.models import (
     ASSETS,
     DiscriminatorHead,
@@ -197,17 +201,37 @@ def autocast(device, mixed_precision):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_step(step, vae, dim, scale, optimizer, resolution, batch_size, device, counter=None):
-    """One optimiser step of the loop: VAE encode, the phased scott_backward, AdamW; phases marked on counter."""
+def tokenizer():
+    """The shipped SD1.5 CLIP tokenizer (77 tokens; the tiny text encoder has CLIP's vocabulary too)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+
+
+def micro_batch(vae, text, dim, scale, resolution, batch_size, device, cache=True):
+    """A micro-batch as the loader serves it: with the cache, the latent mean / std (the VAE's dtype) and caption
+    hidden states (the text encoder's dtype) from CachedPairs; without it, pixels in [-1, 1] and captions."""
+    if not cache:
+        return {"pixels": torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1,
+                "captions": ["a photograph of an astronaut riding a horse"] * batch_size}
+    latent = (batch_size, 4, resolution // scale, resolution // scale)
+    return {"mean": torch.randn(latent, dtype=vae.dtype, device=device),
+            "std": torch.rand(latent, dtype=vae.dtype, device=device),
+            "cond": torch.randn(batch_size, 77, dim, dtype=text.dtype, device=device)}
+
+
+def train_step(step, vae, text, dim, scale, optimizer, resolution, batch_size, device, counter=None, cache=True):
+    """One optimiser step of the loop: the loop's batch_latents (cached mean / std, or the VAE and text encoder on
+    the batch), the phased scott_backward, AdamW; phases marked on counter."""
     mark = counter.begin if counter else (lambda phase: None)
     generator = torch.Generator().manual_seed(0)
-    mark("encode")
-    pixels = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    run = SimpleNamespace(teacher=SimpleNamespace(vae=vae), accelerator=SimpleNamespace(device=device))
-    z0 = encode_images(run, pixels, generator)
-    del pixels
-    cond = torch.randn(batch_size, 77, dim, device=device)
-    uncond = torch.randn(1, 77, dim, device=device)
+    mark("latents")
+    teacher = SimpleNamespace(vae=vae, text_encoder=text, tokenizer=None if cache else tokenizer())
+    run = SimpleNamespace(teacher=teacher, accelerator=SimpleNamespace(device=device))
+    batch = micro_batch(vae, text, dim, scale, resolution, batch_size, device, cache)
+    z0, cond = batch_latents(run, batch, generator)
+    del batch
+    uncond = torch.randn(1, 77, dim, device=device)  # run.uncond: the empty caption's hidden states, float32
     forward = step.forward
 
     def marked(phase, *args):
@@ -244,8 +268,10 @@ def synth_step(unet, vae, dim, scale, resolution, batch_size, device, mixed_prec
     return images
 
 
-def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precision="bf16", gradient_checkpointing=False):
-    """One JSON-ready dict: the estimated GPU peak (GiB) of `config` (scott | lcm | synth), per phase, and FLOPs."""
+def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precision="bf16", gradient_checkpointing=False,
+             cache_latents=True):
+    """One JSON-ready dict: the estimated GPU peak (GiB) of `config` (scott | lcm | synth), per phase, and FLOPs;
+    cache_latents as the trainer's --[no-]cache-latents (synth: the sampler, which has no cache)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     resolution = resolution or (16 if model == "tiny" else 512)
@@ -257,8 +283,11 @@ def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precisio
     with fake_mode, norms_in_fp32():
         if config != "synth":
             warm_optimizer(optimizer)
+        on_gpu = [*step.parameters(), *step.buffers()]
+        if config == "synth" or not cache_latents:  # cached: the VAE and text encoder have left the GPU
+            on_gpu += [*vae.parameters(), *text.parameters()]
         with counter:
-            for tensor in [*step.parameters(), *step.buffers(), *vae.parameters(), *text.parameters()]:
+            for tensor in on_gpu:
                 counter.track(tensor)
             for state in optimizer.state.values():
                 for value in state.values():
@@ -268,10 +297,12 @@ def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precisio
             if config == "synth":
                 synth_step(step.unet, vae, dim, scale, resolution, batch_size, device, mixed_precision, counter)
             else:
-                train_step(step, vae, dim, scale, optimizer, resolution, batch_size, device, counter)
+                train_step(step, vae, text, dim, scale, optimizer, resolution, batch_size, device, counter,
+                           cache_latents)
     return {
         "config": config,
         "gradient_checkpointing": gradient_checkpointing,
+        "cache_latents": cache_latents if config != "synth" else None,
         "resolution": resolution,
         "batch_size": batch_size,
         "mixed_precision": mixed_precision,
@@ -282,20 +313,29 @@ def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precisio
         "tflop": round(sum(counter.flops.values()) / 1e12, 3),
         "flop": sum(counter.flops.values()),
         "phase_tflop": {k: round(v / 1e12, 3) for k, v in counter.flops.items()},
+        "phase_flop": counter.flops,
     }
 
 
-def measure(config, model="sd15", resolution=512, batch_size=8, mixed_precision="bf16", gradient_checkpointing=False):
-    """The same step on a CUDA GPU with random weights: torch.cuda.max_memory_allocated / reserved (GiB)."""
+def measure(config, model="sd15", resolution=512, batch_size=8, mixed_precision="bf16", gradient_checkpointing=False,
+            cache_latents=True):
+    """The same step on a CUDA GPU with random weights: torch.cuda.max_memory_allocated / reserved (GiB); with
+    the cache the VAE and text encoder are moved to the CPU first, as the loop moves them after caching."""
     device = torch.device("cuda")
     cfg = run_config("lcm" if config == "lcm" else "scott", model, mixed_precision, gradient_checkpointing)
     step, vae, text, dim, scale, optimizer = build(cfg, model, device)
+    if config != "synth" and cache_latents:
+        vae.to("cpu")
+        text.to("cpu")
+        torch.cuda.empty_cache()
     with norms_in_fp32():  # a no-op on CUDA, whose autocast already runs the norms in fp32
         if config == "synth":
             run = lambda: synth_step(step.unet, vae, dim, scale, resolution, batch_size, device, mixed_precision)  # noqa: E731
         else:
             warm_optimizer(optimizer)
-            run = lambda: train_step(step, vae, dim, scale, optimizer, resolution, batch_size, device)  # noqa: E731
+            run = lambda: train_step(  # noqa: E731
+                step, vae, text, dim, scale, optimizer, resolution, batch_size, device, cache=cache_latents
+            )
         run()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -304,6 +344,7 @@ def measure(config, model="sd15", resolution=512, batch_size=8, mixed_precision=
     return {
         "config": config,
         "gradient_checkpointing": gradient_checkpointing,
+        "cache_latents": cache_latents if config != "synth" else None,
         "resolution": resolution,
         "batch_size": batch_size,
         "mixed_precision": mixed_precision,

@@ -1,6 +1,8 @@
 """Memory: the fake-tensor estimator, the hardware defaults written to the config, lean synthesis, and the
 one-line out-of-memory message."""
 
+import math
+
 import pytest
 
 try:
@@ -8,8 +10,9 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.memory import LiveBytes, estimate, norms_in_fp32
+from benchmarks.memory import BLOCK, LiveBytes, estimate, norms_in_fp32, tiny_components, tokenizer
 from training import loop, synth
 from training.config import parse_config
 from training.distill import main
@@ -59,6 +62,27 @@ def test_estimator_sees_weights_phases_and_checkpointing(estimates):
         # Recompute costs FLOPs: checkpointing trades them for memory.
         assert estimates[(config, True)]["flop"] > estimates[(config, False)]["flop"]
     assert lcm["flop"] < scott["flop"] and "discriminator_loss" not in lcm["phases"]
+
+
+def test_cached_step_has_no_encode_and_no_encoder_weights(estimates):
+    """--cache-latents (the default): z0 from the cached mean / std, captions from the cache; the step without it
+    costs exactly one VAE encode and one text-encoder pass more, counted independently on the real tiny modules."""
+    cached, uncached = estimates[("scott", False)], estimate("scott", "tiny", 32, 2, "bf16", False, cache_latents=False)
+    assert (cached["cache_latents"], uncached["cache_latents"]) == (True, False)
+    _, vae, text, _, _ = tiny_components()
+    vae, text = vae.to(torch.bfloat16), text.to(torch.bfloat16)
+    ids = tokenizer()(["a caption"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        vae.encode(torch.rand(2, 3, 32, 32, dtype=torch.bfloat16))
+        text(ids)
+    encode = flops.get_total_flops()
+    assert encode > 0 and cached["phase_flop"].get("latents", 0) == 0
+    assert uncached["flop"] - cached["flop"] == encode
+    assert {k: v for k, v in uncached["phase_flop"].items() if k != "latents"} == cached["phase_flop"]
+    # The VAE and text encoder left the GPU: the resident bytes drop by exactly their (bf16) weights.
+    encoders = sum(math.ceil(p.numel() * 2 / BLOCK) * BLOCK for p in [*vae.parameters(), *text.parameters()])
+    assert uncached["phase_bytes"]["weights"] - cached["phase_bytes"]["weights"] == encoders
+    assert cached["peak_bytes"] <= uncached["peak_bytes"] - encoders
 
 
 def test_config_resolves_auto_for_this_machine(tiny_teacher, tiny_data, tmp_path, tiny_args, monkeypatch):
