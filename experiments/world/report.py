@@ -262,11 +262,11 @@ class Grid:
             name = ("" if self.world == "shapes" else f"{self.world}_") + arm
             strip(images, self.docs / "world" / (f"{name}.png" if arm == "teacher" else f"{name}_{steps}step.png"))
 
-    def run(self, arm, seed, train=True):
-        """Train (if `train`) and score what is missing of (arm, seed); False if it was left out."""
+    def run(self, arm, seed, train=True, score=True):
+        """Train (if `train`) and score (if `score`) what is missing of (arm, seed); False if it was left out."""
         if self.done(arm, seed):
             return True
-        if arm not in REFERENCES and not self.lora(arm, seed).is_file() and not train:
+        if not score or (arm not in REFERENCES and not self.lora(arm, seed).is_file() and not train):
             return False
         if arm == "real":  # another draw of real images, with their own captions
             floor = self.out / f"real_{self.world}_{self.n_eval}_s{seed}"
@@ -316,14 +316,15 @@ class Grid:
 
 
 def run_grid(out, docs, arms, world="shapes", seeds=(0, 1, 2), max_steps=300, n_eval=1000, train_images=4000,
-             train=True):
+             train=True, score=True):
     """Train and score what is missing of arms x seeds (seed by seed, arms in the given order), then write the
-    results; with train=False only LoRAs already trained are scored and the rest are listed as missing."""
+    results; train=False scores only LoRAs already trained, score=False only summarizes cached scores; what is
+    left out is listed as missing."""
     unknown = [a for a in arms if a not in ARMS and a not in REFERENCES]
     if unknown:
         raise ValueError(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join([*ARMS, *REFERENCES])}")
     grid = Grid(out, docs, world, max_steps, train_images, n_eval)
-    missing = [f"{arm}_seed{seed}" for seed in seeds for arm in arms if not grid.run(arm, seed, train)]
+    missing = [f"{arm}_seed{seed}" for seed in seeds for arm in arms if not grid.run(arm, seed, train, score)]
     return grid.write(list(arms), list(seeds), missing)
 
 
@@ -357,13 +358,14 @@ def main(argv=None):
     parser.add_argument("--train-images", type=int, default=4000, help="world images each LoRA trains on")
     parser.add_argument("--n-eval", type=int, default=1000, help="captions (and real images) per evaluation set")
     parser.add_argument("--no-train", action="store_true", help="score only LoRAs already trained; list the rest")
+    parser.add_argument("--summary-only", action="store_true", help="train and score nothing: summarize the cache")
     parser.add_argument("--import-old", default=None, metavar="JSON",
                         help="first cache the per-seed values of a results JSON in the old format (shapes world)")
     args = parser.parse_args(argv)
     if args.import_old:
         print(f"cached {import_old(args.import_old, args.out, train_images=args.train_images)} scored sets")
     run_grid(args.out, args.docs, args.arms, args.world, args.seeds, args.max_steps, args.n_eval, args.train_images,
-             train=not args.no_train)
+             train=not (args.no_train or args.summary_only), score=not args.summary_only)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,11 @@ def test_no_train_scores_only_existing_loras_and_lists_the_rest(tmp_path, fake_g
     out = report.run_grid(tmp_path, tmp_path / "docs", ["lcm", "scott"], seeds=[1], max_steps=5, n_eval=6,
                           train_images=9, train=False)
     assert fake_grid["distill"] == 0 and out["missing"] == ["scott_seed1"] and list(out["rows"]) == ["lcm"]
-    assert (tmp_path / "docs" / "world_results.json").is_file()
+    assert (tmp_path / "docs" / "world_results.json").is_file() and fake_grid["score"] == 3
+    summary = report.run_grid(tmp_path, tmp_path / "docs", ["teacher", "lcm"], seeds=[1, 2], max_steps=5, n_eval=6,
+                              train_images=9, train=False, score=False)
+    assert fake_grid == {"distill": 0, "score": 3} and summary["rows"] == {"lcm": out["rows"]["lcm"]}
+    assert summary["missing"] == ["teacher_seed1", "teacher_seed2", "lcm_seed2"]
 
 
 def test_old_results_import_into_the_cache(tmp_path, fake_grid):
