@@ -328,21 +328,38 @@ def run_grid(out, docs, arms, world="shapes", seeds=(0, 1, 2), max_steps=300, n_
     return grid.write(list(arms), list(seeds), missing)
 
 
-def import_old(path, out, world="shapes", train_images=4000):
-    """Cache the raw per-seed values of a results JSON in the old format ({"seeds", "max_steps", "n_eval", "raw":
-    {"lcm 1 step": {metric: [per seed]}}}) so the grid reuses them; returns how many sets it cached."""
-    old = json.loads(Path(path).read_text())
-    names = {row_name(arm, k): (arm, k) for arm in [*ARMS, *REFERENCES] for k in REFERENCES.get(arm, STUDENT_STEPS)}
+def import_results(path, out, train_images=4000):
+    """Cache the per-seed values of a results JSON, this report's or the old one's ({"seeds", "max_steps",
+    "n_eval", "raw": {"lcm 1 step": {metric: [per seed]}}}, the shapes world), so the grid reuses them instead of
+    rerunning; returns how many scored sets it cached (sets already cached are kept)."""
+    data = json.loads(Path(path).read_text())
+    world, max_steps, n_eval = data.get("world", "shapes"), data["max_steps"], data["n_eval"]
+    train_images = data.get("train_images", train_images)
     count = 0
-    for row, metrics in old["raw"].items():
-        arm, steps = names[row]
-        for i, seed in enumerate(old["seeds"]):
-            file = score_path(out, world, arm, seed, steps, old["max_steps"], train_images, old["n_eval"])
-            if not file.is_file():
-                file.parent.mkdir(parents=True, exist_ok=True)
-                file.write_text(json.dumps({m: metrics[m][i] for m in METRICS}, indent=1) + "\n")
-                count += 1
+    for (arm, steps, seed), metrics in per_set(data).items():
+        file = score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval)
+        if not file.is_file() and set(metrics) >= set(METRICS):
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({m: metrics[m] for m in METRICS}, indent=1) + "\n")
+            count += 1
     return count
+
+
+def per_set(data):
+    """{(arm, steps, seed): {metric: value}} from a results JSON of either format."""
+    sets = {}
+    if "rows" in data:
+        for arm, per in data["raw"].items():
+            for steps, metrics in per.items():
+                for m, by_seed in metrics.items():
+                    for seed, value in by_seed.items():
+                        sets.setdefault((arm, int(steps), int(seed)), {})[m] = value
+        return sets
+    names = {row_name(arm, k): (arm, k) for arm in [*ARMS, *REFERENCES] for k in REFERENCES.get(arm, STUDENT_STEPS)}
+    for row, metrics in data["raw"].items():
+        for i, seed in enumerate(data["seeds"]):
+            sets[(*names[row], seed)] = {m: values[i] for m, values in metrics.items()}
+    return sets
 
 
 def main(argv=None):
@@ -359,11 +376,12 @@ def main(argv=None):
     parser.add_argument("--n-eval", type=int, default=1000, help="captions (and real images) per evaluation set")
     parser.add_argument("--no-train", action="store_true", help="score only LoRAs already trained; list the rest")
     parser.add_argument("--summary-only", action="store_true", help="train and score nothing: summarize the cache")
-    parser.add_argument("--import-old", default=None, metavar="JSON",
-                        help="first cache the per-seed values of a results JSON in the old format (shapes world)")
+    parser.add_argument("--import-results", default=None, metavar="JSON",
+                        help="first cache the per-seed values of a results JSON (e.g. docs/world_results.json) so "
+                        "they are not rerun")
     args = parser.parse_args(argv)
-    if args.import_old:
-        print(f"cached {import_old(args.import_old, args.out, train_images=args.train_images)} scored sets")
+    if args.import_results:
+        print(f"cached {import_results(args.import_results, args.out, args.train_images)} scored sets")
     run_grid(args.out, args.docs, args.arms, args.world, args.seeds, args.max_steps, args.n_eval, args.train_images,
              train=not (args.no_train or args.summary_only), score=not args.summary_only)
 

@@ -139,11 +139,16 @@ def test_old_results_import_into_the_cache(tmp_path, fake_grid):
         "teacher 25 steps cfg 7.5": {m: [3.0, 4.0] for m in report.METRICS},
         "real images (another draw: the floor)": {m: [0.5, 0.6] for m in report.METRICS}}}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    assert report.import_old(tmp_path / "old.json", tmp_path / "out", train_images=9) == 6
+    assert report.import_results(tmp_path / "old.json", tmp_path / "out", train_images=9) == 6
     grid = report.Grid(tmp_path / "out", tmp_path / "docs", "shapes", 5, 9, 6)
     raw = grid.raw(["lcm", "teacher", "real"], [0, 1])
     assert raw["lcm"]["1"]["fd"] == {"0": 1.0, "1": 2.0} and raw["teacher"]["25"]["coverage"] == {"0": 3.0, "1": 4.0}
     assert raw["real"]["0"]["fd"] == {"0": 0.5, "1": 0.6}
+    new = report.run_grid(tmp_path / "out", tmp_path / "docs", ["lcm", "teacher", "real"], seeds=[0, 1], max_steps=5,
+                          n_eval=6, train_images=9, train=False, score=False)
+    assert report.import_results(tmp_path / "docs" / "world_results.json", tmp_path / "again") == 6  # the new format
+    assert report.Grid(tmp_path / "again", tmp_path / "d2", "shapes", 5, 9, 6).raw(["lcm", "teacher", "real"],
+                                                                                 [0, 1]) == new["raw"]
 
 
 @pytest.mark.skipif(not (DEMO_TEACHER / "model_index.json").is_file(), reason="the demo teacher is not shipped here")
