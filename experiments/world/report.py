@@ -228,12 +228,15 @@ class Grid:
         return self._real
 
     def captions(self):
+        """The evaluation captions, in file order."""
         return [p.read_text(encoding="utf-8").strip() for p in sorted(self.real.glob("*.txt"))]
 
     def score_file(self, arm, seed, steps):
+        """The cached metrics of (arm, seed) at `steps` in this world and budget."""
         return score_path(self.out, self.world, arm, seed, steps, self.max_steps, self.train_images, self.n_eval)
 
     def steps_of(self, arm):
+        """The step counts a row is scored at (the teacher: 25; the real draw: 0)."""
         return REFERENCES.get(arm, STUDENT_STEPS)
 
     def done(self, arm, seed):
@@ -241,6 +244,7 @@ class Grid:
         return all(self.score_file(arm, seed, k).is_file() for k in self.steps_of(arm))
 
     def lora(self, arm, seed):
+        """The (arm, seed) LoRA of this world and budget."""
         return lora_path(self.out, self.world, arm, seed, self.max_steps, self.train_images)
 
     def cache(self, arm, seed, steps, folder):
@@ -298,6 +302,7 @@ class Grid:
         return raw
 
     def results_name(self):
+        """world_results for the shapes world, world_<world>_results otherwise."""
         return "world_results" if self.world == "shapes" else f"world_{self.world}_results"
 
     def write(self, arms, seeds, missing):
