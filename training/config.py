@@ -127,7 +127,8 @@ class DataOptions:
         None,
         "training images: a folder of images with same-name .txt captions (or metadata.jsonl / "
         ".csv with file_name,text), or webdataset .tar shards, brace patterns allowed "
-        "('shards/{000..099}.tar'); 'world:N' renders N shapes-world images into <output>/world. Omit it "
+        "('shards/{000..099}.tar'); 'world:N' renders N shapes-world images into <output>/world "
+        "('diverse:N': the same images with captions that name only some attributes, into <output>/diverse). Omit it "
         "for data-free distillation: the teacher first draws --synth-images "
         "images from the built-in prompt list into <output>/synth; 'prompts:FILE' does the same from your "
         "prompts (one a line)",

@@ -169,12 +169,13 @@ def cache_latents(run):
 
 
 def world_folder(world, output, accelerator):
-    """'world:N': the first N shapes-world images (seed 0) rendered once into <output>/world, as an ImageFolder."""
+    """'world:N' / 'diverse:N': the first N shapes-world images (seed 0) rendered once into <output>/world (or
+    <output>/diverse), as an ImageFolder."""
     from .world.scenes import write_folder
 
-    folder = Path(output) / "world"
+    folder = Path(output) / world.folder
     if accelerator.is_main_process:
-        write_folder(folder, world.count)
+        write_folder(folder, world.count, world=world.world)
     accelerator.wait_for_everyone()
     return ImageFolder(folder)
 

@@ -55,9 +55,19 @@ class World:
 
     count: int
     data_free = False
+    world = "shapes"  # training.world.scenes' world, rendered into <output>/<folder>
+    folder = "world"
 
     def check(self):
         """Nothing to check: the renderer writes the folder."""
+
+
+@dataclass(frozen=True)
+class DiverseWorld(World):
+    """'diverse:N': the same N images with captions that under-specify them ("a red shape"), in <output>/diverse."""
+
+    world = "diverse"
+    folder = "diverse"
 
 
 @dataclass(frozen=True)
@@ -97,10 +107,11 @@ class BuiltinPrompts:
 DataSource = ImageFolder | TarShards | World | PromptFile | BuiltinPrompts
 
 
-def _world(spec, rest):
+def _world(spec, rest, kind=World):
     if not rest.isdigit() or int(rest) < 1:
-        raise UserError(f"--data {spec}: give {WORLD_PREFIX}N with N >= 1 images, e.g. {WORLD_PREFIX}4000")
-    return World(int(rest))
+        prefix = spec[: len(spec) - len(rest)]
+        raise UserError(f"--data {spec}: give {prefix}N with N >= 1 images, e.g. {prefix}4000")
+    return kind(int(rest))
 
 
 def _prompt_file(spec, rest):
@@ -109,7 +120,7 @@ def _prompt_file(spec, rest):
     return PromptFile(Path(rest))
 
 
-PREFIXES = {WORLD_PREFIX: _world, PROMPTS_PREFIX: _prompt_file}
+PREFIXES = {WORLD_PREFIX: _world, PROMPTS_PREFIX: _prompt_file, "diverse:": lambda s, r: _world(s, r, DiverseWorld)}
 
 
 def _files(spec):

@@ -43,6 +43,30 @@ def labels(scene):
     return {head: CLASSES[head].index(value) for head, value in values.items()}
 
 
+def allowed(scene):
+    """{head: class indices that fit} for a Scene from scenes.parse_partial: one index per attribute it names, every
+    real value where it names none (a layout left out: any position for one shape, any relation for two)."""
+    b = scene.shapes[1] if len(scene.shapes) > 1 else None
+    layouts = scenes.POSITIONS if b is None else scenes.RELATIONS
+    values = {"background": scene.background, "layout": scene.layout, "shape_a": scene.shapes[0].shape,
+              "colour_a": scene.shapes[0].colour, "size_a": scene.shapes[0].size}
+    values |= {"shape_b": NONE, "colour_b": NONE, "size_b": NONE} if b is None else {
+        "shape_b": b.shape, "colour_b": b.colour, "size_b": b.size}
+    fits = {head: [CLASSES[head].index(v)] if v is not None else
+            [i for i, c in enumerate(CLASSES[head]) if c != NONE] for head, v in values.items()}
+    fits["layout"] = fits["layout"] if scene.layout is not None else [scenes.LAYOUTS.index(x) for x in layouts]
+    return fits
+
+
+def allowed_mask(scene_list):
+    """(N, len(HEADS), max classes) bool: True where a head's class fits the scene (see `allowed`)."""
+    mask = torch.zeros(len(scene_list), len(HEADS), max(HEADS.values()), dtype=torch.bool)
+    for n, scene in enumerate(scene_list):
+        for h, fits in enumerate(allowed(scene).values()):
+            mask[n, h, fits] = True
+    return mask
+
+
 def label_tensor(scene_list):
     """(N, len(HEADS)) long tensor of labels, columns in HEADS order."""
     return torch.tensor([list(labels(scene).values()) for scene in scene_list], dtype=torch.long)

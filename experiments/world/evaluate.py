@@ -57,7 +57,7 @@ def read_captions(files):
     captions = [f.with_suffix(".txt").read_text(encoding="utf-8").strip() for f in files]
     for file, caption in zip(files, captions):
         try:
-            scenes.parse_caption(caption)
+            scenes.parse_partial(caption)
         except ValueError:
             raise ValueError(f"{file.with_suffix('.txt')} holds {caption!r}, not a shapes-world caption: the "
                              "evaluator only scores shapes-world prompts such as 'a large red circle on the left "

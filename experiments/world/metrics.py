@@ -8,7 +8,7 @@ import torch
 from training.metrics import frechet_distance, frechet_gaussians, knn_radii, mean_cov, prdc, sqrtm_psd  # noqa: F401
 from training.world import scenes
 
-from .classifier import HEADS, label_tensor
+from .classifier import HEADS, allowed_mask
 
 
 def as_predictions(logits_or_predictions):
@@ -19,12 +19,17 @@ def as_predictions(logits_or_predictions):
 
 
 def prompt_accuracy(logits_or_predictions, captions):
-    """{prompt_acc: mean per-attribute accuracy vs the captions, exact_match: rate of all heads right, per head}."""
+    """{prompt_acc: mean accuracy over the attributes the captions name, exact_match: rate of every named one right,
+    acc_<head>: per head, over the captions that name it}. A full world caption names all 8 heads; a diverse one
+    fewer (scenes.parse_partial; classifier.allowed): a head is checked where the caption rules out some class."""
     preds = as_predictions(logits_or_predictions)
-    target = label_tensor([scenes.parse_caption(caption) for caption in captions])
-    if preds.shape != target.shape:
+    mask = allowed_mask([scenes.parse_partial(caption) for caption in captions])
+    if preds.shape != mask.shape[:2]:
         raise ValueError(f"predictions of shape {tuple(preds.shape)} for {len(captions)} captions "
-                         f"(expected {tuple(target.shape)})")
-    right = preds == target
-    per_head = {f"acc_{name}": right[:, i].double().mean().item() for i, name in enumerate(HEADS)}
-    return {"prompt_acc": right.double().mean().item(), "exact_match": right.all(1).double().mean().item(), **per_head}
+                         f"(expected {tuple(mask.shape[:2])})")
+    right = mask.gather(2, preds.clamp(0, mask.shape[2] - 1)[..., None])[..., 0]
+    checked = mask.sum(2) < torch.tensor(list(HEADS.values()))
+    per_head = {f"acc_{name}": right[checked[:, i], i].double().mean().item()
+                for i, name in enumerate(HEADS) if checked[:, i].any()}
+    return {"prompt_acc": right[checked].double().mean().item(),
+            "exact_match": (right | ~checked).all(1).double().mean().item(), **per_head}

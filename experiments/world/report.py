@@ -1,13 +1,21 @@
-"""The shapes-world report: teacher vs LCM-mode vs SCott LoRAs (with and without the adversarial loss) at 1/2/4 steps.
+"""The shapes-world report: an ablation grid of LoRAs distilled from the demo teacher, scored at 1/2/4 steps, each
+arm paired by seed with LCM mode.
 
-`python -m experiments.world.report --out runs/world_report --seeds 0 1 2` distills one LoRA per (arm, seed) from the
-demo teacher with `python -m training.distill --teacher demo` (the same budget for every arm), samples the same
-captions with the same seeds for every row, scores each set with experiments.world.evaluate against real world images,
-and writes a markdown table (mean +- std over seeds), a JSON of every number and one PNG strip per row.
+    python -m experiments.world.report --arms lcm scott ode_h3 --world shapes --seeds 0 1 2 3 4 --max-steps 300 \\
+        --n-eval 1000 --out runs/world_grid --docs docs
+
+For every (arm, seed) one LoRA is distilled with `python -m training.distill --teacher demo` (the same budget, data
+and seed for every arm: the same data order, captions and noise), then the same evaluation captions are sampled from
+the same initial noise and scored with experiments.world.evaluate against real world images. The grid is resumable:
+finished LoRAs and every scored set's metrics (a JSON under --out) are kept, so a rerun trains and scores only what
+is missing. Writes <docs>/world_results.json (world_diverse_results.json for --world diverse): for every arm, step
+count and metric [mean, std] over seeds, the raw per-seed values and the paired difference to LCM with its standard
+error; the same as a markdown table; and a PNG strip per row for generation seed 0.
 """
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,26 +30,48 @@ from training.synth import save_pair, teacher_pipeline
 from training.validation import consistency_sample, decode
 from training.world import scenes
 
-ARMS = {
+NO_ADV = ("--adv-weight", "0")
+ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, span 24, grid 8, adversarial) in one thing
     "lcm": ["--mode", "lcm"],
     "scott": ["--mode", "scott"],
-    "scott_no_adv": ["--mode", "scott", "--adv-weight", "0"],
+    "scott_no_adv": ["--mode", "scott", *NO_ADV],
+    "ode_h3": ["--mode", "scott", "--solver", "ode", *NO_ADV],
+    "ns01": ["--mode", "scott", "--solver", "noise_strength", "--noise-strength", "0.1", *NO_ADV],
+    "ns03": ["--mode", "scott", "--solver", "noise_strength", "--noise-strength", "0.3", *NO_ADV],
+    "grid20": ["--mode", "scott", "--grid-spacing", "20"],
+    "adv_lr": ["--mode", "scott", "--disc-lr", "1e-4"],
 }
+REFERENCES = {"real": (0,), "teacher": (25,), "nolora": (1, 2, 4)}  # rows that train nothing: their step counts
 STUDENT_STEPS = (1, 2, 4)
+BASELINE = "lcm"
 EVAL_SEED = 7  # the real evaluation images; the trainer's world:N data uses seed 0
 TEACHER_STEPS, TEACHER_CFG = 25, 7.5
 METRICS = ("fd", "prompt_acc", "exact_match", "precision", "recall", "density", "coverage")
 STRIP = 8  # images per PNG strip: the first 8 evaluation captions, generation seed 0
+DATA_PREFIX = {"shapes": "world", "diverse": "diverse"}
 
 
-def distill(arm, seed, out, max_steps, train_images):
-    """The (arm, seed) LoRA, trained by the CLI on world:train_images unless it already exists."""
-    folder = Path(out) / "runs" / f"{arm}_seed{seed}"
-    lora = folder / f"{arm}.safetensors"
+def lora_path(out, world, arm, seed, max_steps, train_images):
+    """Where the (world, arm, seed) LoRA of this budget lives under the work folder."""
+    return Path(out) / "loras" / f"{world}_{max_steps}_{train_images}" / f"{arm}_seed{seed}" / f"{arm}.safetensors"
+
+
+def score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval):
+    """The cached metrics of one scored set (a JSON); its presence means the set is done."""
+    budget = f"{world}_{max_steps}_{train_images}_n{n_eval}"
+    return Path(out) / "scores" / budget / f"{arm}_seed{seed}_{steps}step.json"
+
+
+def distill_argv(world, arm, seed, folder, max_steps, train_images):
+    """The training.distill command line of one (arm, seed) LoRA."""
+    argv = ["--teacher", "demo", "--output", str(folder), "--name", arm, "--seed", str(seed)]
+    argv += ["--data", f"{DATA_PREFIX[world]}:{train_images}"]
+    return argv + ["--max-steps", str(max_steps), "--validate-every", "0", "--checkpoint-every", "0", *ARMS[arm]]
+
+
+def distill(lora, argv):
+    """Train the LoRA with the CLI unless it already exists."""
     if not lora.is_file():
-        argv = ["--teacher", "demo", "--output", str(folder), "--name", arm, "--seed", str(seed)]
-        argv += ["--data", f"world:{train_images}"]
-        argv += ["--max-steps", str(max_steps), "--validate-every", "0", "--checkpoint-every", "0", *ARMS[arm]]
         subprocess.run([sys.executable, "-m", "training.distill", *argv], check=True)
     return lora
 
@@ -107,92 +137,258 @@ def strip(images, path, scale=2):
     image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)
 
 
-def summarize(results):
-    """{row: {metric: [values over seeds]}} -> {row: {metric: (mean, std)}} (std: sample std, 0 for 1 seed)."""
-    table = {}
-    for row, metrics in results.items():
-        table[row] = {}
-        for name, values in metrics.items():
-            v = torch.tensor(values, dtype=torch.float64)
-            table[row][name] = (v.mean().item(), v.std().item() if len(values) > 1 else 0.0)
-    return table
+def mean_std(values):
+    """(mean, sample std) of a list; std 0 for one value."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std().item() if len(values) > 1 else 0.0)
 
 
-def markdown(table, seeds):
-    """The summary as a markdown table, one row per (model, steps)."""
-    arrows = {"fd": "FD (lower is better)"}
-    head = ["row"] + [arrows.get(m, m) for m in METRICS]
+def paired(values, baseline):
+    """The per-seed difference values - baseline over the seeds both have ({seed: value} each):
+    {mean, se, n, seeds, diffs}; se = sample std of the differences / sqrt(n), None below 2 seeds."""
+    seeds = sorted(set(values) & set(baseline), key=int)
+    diffs = [values[s] - baseline[s] for s in seeds]
+    if not diffs:
+        return None
+    mean, std = mean_std(diffs)
+    se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"mean": mean, "se": se, "n": len(diffs), "seeds": [int(s) for s in seeds], "diffs": diffs}
+
+
+def is_real(diff):
+    """A paired difference counts as real when |mean| > 2 standard errors."""
+    return diff is not None and diff["se"] is not None and abs(diff["mean"]) > 2 * diff["se"]
+
+
+def summarize(raw):
+    """{arm: {steps: {metric: {seed: value}}}} -> rows ([mean, std] over seeds) and the paired differences to LCM."""
+    rows = {arm: {k: {m: list(mean_std(list(v.values()))) for m, v in by.items()} for k, by in per.items()}
+            for arm, per in raw.items()}
+    diffs = {}
+    for arm, per in raw.items():
+        if arm == BASELINE or arm in REFERENCES or BASELINE not in raw:
+            continue
+        diffs[arm] = {k: {m: paired(v, raw[BASELINE].get(k, {}).get(m, {})) for m, v in by.items()}
+                      for k, by in per.items() if k in raw[BASELINE]}
+    return rows, diffs
+
+
+def row_name(arm, steps):
+    """'lcm 1 step', 'teacher 25 steps cfg 7.5', 'real images (another draw)'."""
+    if arm == "real":
+        return "real images (another draw: the floor)"
+    if arm == "teacher":
+        return f"teacher {TEACHER_STEPS} steps cfg {TEACHER_CFG}"
+    name = "teacher, no LoRA," if arm == "nolora" else arm
+    return f"{name} {steps} step{'s' if int(steps) > 1 else ''}"
+
+
+def markdown(rows, diffs, raw):
+    """The rows (mean +- std, seeds) and the paired differences to LCM (mean +- SE, 'real' beyond 2 SE)."""
+    head = ["row", "seeds", "FD (lower is better)", *METRICS[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, metrics in table.items():
-        cells = [f"{metrics[m][0]:.3f} +- {metrics[m][1]:.3f}" for m in METRICS]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmean +- std over seeds {', '.join(map(str, seeds))}")
+    for arm, per in rows.items():
+        for steps, metrics in per.items():
+            n = len(raw[arm][steps]["fd"])
+            cells = [f"{metrics[m][0]:.3f} +- {metrics[m][1]:.3f}" if m in metrics else "-" for m in METRICS]
+            lines.append(f"| {row_name(arm, steps)} | {n} | " + " | ".join(cells) + " |")
+    if diffs:
+        lines += ["", f"Paired difference to {BASELINE} (arm - {BASELINE}, same seed): mean +- standard error "
+                  "(seeds); **real** where |mean| > 2 SE.", "", lines[0].replace("| seeds ", ""),
+                  "|" + "---|" * (len(head) - 1)]
+        for arm, per in diffs.items():
+            for steps, metrics in per.items():
+                lines.append(f"| {row_name(arm, steps)} | " + " | ".join(diff_cell(metrics.get(m)) for m in METRICS)
+                             + " |")
     return "\n".join(lines)
 
 
-def score_row(results, row, folder, real):
-    """Score one generated folder against the real set and append its metrics under `row`."""
-    from .evaluate import evaluate_folder
-
-    metrics = evaluate_folder(folder, real)
-    for name in METRICS:
-        results.setdefault(row, {}).setdefault(name, []).append(float(metrics[name]))
-
-
-def plural(steps):
-    return f"{steps} step{'s' if steps > 1 else ''}"
+def diff_cell(diff):
+    """One paired difference as 'mean +- se (n)', bold 'real' when beyond 2 SE."""
+    if diff is None:
+        return "-"
+    se = "n/a" if diff["se"] is None else f"{diff['se']:.3f}"
+    return f"{diff['mean']:+.3f} +- {se} ({diff['n']})" + (" **real**" if is_real(diff) else "")
 
 
-def add_row(results, row, key, images, captions, ctx):
-    """Write one generated set, score it under `row`, and keep its strip for the first seed."""
-    out, real, docs, first = ctx
-    score_row(results, row, write_set(out / key, images, captions), real)
-    if first:
-        strip(images, docs / "world" / f"{key.rsplit('_s', 1)[0]}.png")
+class Grid:
+    """One world and budget: where its LoRAs, scored sets and strips go, and the real evaluation set."""
+
+    def __init__(self, out, docs, world, max_steps, train_images, n_eval):
+        self.out, self.docs, self.world = Path(out), Path(docs), scenes.check_world(world)
+        self.max_steps, self.train_images, self.n_eval = max_steps, train_images, n_eval
+        self._real = self._model = None
+
+    @property
+    def real(self):
+        """The real evaluation folder: images 0..n_eval-1 of world seed EVAL_SEED, with this world's captions."""
+        if self._real is None:
+            self._real = scenes.write_folder(self.out / f"real_{self.world}_{self.n_eval}", self.n_eval,
+                                             seed=EVAL_SEED, world=self.world)
+        return self._real
+
+    def captions(self):
+        """The evaluation captions, in file order."""
+        return [p.read_text(encoding="utf-8").strip() for p in sorted(self.real.glob("*.txt"))]
+
+    def score_file(self, arm, seed, steps):
+        """The cached metrics of (arm, seed) at `steps` in this world and budget."""
+        return score_path(self.out, self.world, arm, seed, steps, self.max_steps, self.train_images, self.n_eval)
+
+    def steps_of(self, arm):
+        """The step counts a row is scored at (the teacher: 25; the real draw: 0)."""
+        return REFERENCES.get(arm, STUDENT_STEPS)
+
+    def done(self, arm, seed):
+        """True when every step count of (arm, seed) has cached metrics."""
+        return all(self.score_file(arm, seed, k).is_file() for k in self.steps_of(arm))
+
+    def lora(self, arm, seed):
+        """The (arm, seed) LoRA of this world and budget."""
+        return lora_path(self.out, self.world, arm, seed, self.max_steps, self.train_images)
+
+    def cache(self, arm, seed, steps, folder):
+        """Score a folder against the real set and cache its metrics."""
+        from .classifier import load_classifier
+        from .evaluate import evaluate_folder
+
+        self._model = self._model or load_classifier()
+        metrics = evaluate_folder(folder, self.real, model=self._model)
+        file = self.score_file(arm, seed, steps)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps({m: float(metrics[m]) for m in METRICS}, indent=1) + "\n")
+
+    def score(self, arm, seed, steps, images, captions):
+        """Write one generated set, score and cache it, and keep its strip for generation seed 0."""
+        file = self.score_file(arm, seed, steps)
+        self.cache(arm, seed, steps, write_set(self.out / "sets" / file.parent.name / file.stem, images, captions))
+        if seed == 0:
+            name = ("" if self.world == "shapes" else f"{self.world}_") + arm
+            strip(images, self.docs / "world" / (f"{name}.png" if arm == "teacher" else f"{name}_{steps}step.png"))
+
+    def run(self, arm, seed, train=True, score=True):
+        """Train (if `train`) and score (if `score`) what is missing of (arm, seed); False if it was left out."""
+        if self.done(arm, seed):
+            return True
+        if not score or (arm not in REFERENCES and not self.lora(arm, seed).is_file() and not train):
+            return False
+        if arm == "real":  # another draw of real images, with their own captions
+            floor = self.out / f"real_{self.world}_{self.n_eval}_s{seed}"
+            self.cache(arm, seed, 0, scenes.write_folder(floor, self.n_eval, EVAL_SEED + 1 + seed, self.world))
+            return True
+        captions = self.captions()
+        if arm == "teacher":
+            self.score(arm, seed, TEACHER_STEPS, teacher_images(load_pipeline(), captions, seed), captions)
+            return True
+        lora = self.lora(arm, seed)
+        if arm != "nolora":
+            distill(lora, distill_argv(self.world, arm, seed, lora.parent, self.max_steps, self.train_images))
+        pipe = load_pipeline(None if arm == "nolora" else lora)
+        for steps in self.steps_of(arm):
+            if not self.score_file(arm, seed, steps).is_file():
+                self.score(arm, seed, steps, student_images(pipe, captions, steps, seed), captions)
+        return True
+
+    def raw(self, arms, seeds):
+        """{arm: {steps: {metric: {seed: value}}}} of every cached scored set among `arms` x `seeds`."""
+        raw = {}
+        for arm in arms:
+            for seed in seeds:
+                for steps in self.steps_of(arm):
+                    file = self.score_file(arm, seed, steps)
+                    if file.is_file():
+                        for m, v in json.loads(file.read_text()).items():
+                            raw.setdefault(arm, {}).setdefault(str(steps), {}).setdefault(m, {})[str(seed)] = v
+        return raw
+
+    def results_name(self):
+        """world_results for the shapes world, world_<world>_results otherwise."""
+        return "world_results" if self.world == "shapes" else f"world_{self.world}_results"
+
+    def write(self, arms, seeds, missing):
+        """Summarize the cached sets into <docs>/<results>.json and .md; returns the JSON object."""
+        raw = self.raw(arms, seeds)
+        rows, diffs = summarize(raw)
+        numbers = {"world": self.world, "max_steps": self.max_steps, "train_images": self.train_images,
+                   "n_eval": self.n_eval, "seeds": seeds, "arms": arms, "missing": missing, "rows": rows,
+                   "paired_to_lcm": diffs, "raw": raw}
+        self.docs.mkdir(parents=True, exist_ok=True)
+        (self.docs / f"{self.results_name()}.json").write_text(json.dumps(numbers, indent=1) + "\n")
+        text = markdown(rows, diffs, raw)
+        (self.docs / f"{self.results_name()}.md").write_text(text + "\n")
+        print(text)
+        return numbers
 
 
-def run_report(out, seeds, max_steps, n_eval, docs, train_images=4000):
-    """Train, sample, score; write <docs>/world_table.md, world_results.json and the strips."""
-    out, docs = Path(out), Path(docs)
-    real = scenes.write_folder(out / "real", n_eval, seed=EVAL_SEED)
-    captions = [p.read_text(encoding="utf-8").strip() for p in sorted(real.glob("*.txt"))]
-    results = {}
-    for seed in seeds:
-        ctx = (out, real, docs, seed == seeds[0])
-        floor = scenes.write_folder(out / f"real_s{seed}", n_eval, seed=EVAL_SEED + 1 + seed)
-        score_row(results, "real images (another draw: the floor)", floor, real)
-        base = load_pipeline()
-        images = teacher_images(base, captions, seed)
-        add_row(results, f"teacher {TEACHER_STEPS} steps cfg {TEACHER_CFG}", f"teacher_s{seed}", images, captions, ctx)
-        for steps in STUDENT_STEPS:
-            images = student_images(base, captions, steps, seed)
-            add_row(results, f"teacher, no LoRA, {plural(steps)}", f"nolora_{steps}step_s{seed}", images, captions, ctx)
-        for arm in ARMS:
-            pipe = load_pipeline(distill(arm, seed, out, max_steps, train_images))
-            for steps in STUDENT_STEPS:
-                images = student_images(pipe, captions, steps, seed)
-                add_row(results, f"{arm} {plural(steps)}", f"{arm}_{steps}step_s{seed}", images, captions, ctx)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = summarize(results)
-    docs.mkdir(parents=True, exist_ok=True)
-    numbers = {"seeds": seeds, "max_steps": max_steps, "train_images": train_images, "n_eval": n_eval, "raw": results}
-    (docs / "world_results.json").write_text(json.dumps(numbers, indent=1) + "\n")
-    text = markdown(table, seeds)
-    (docs / "world_table.md").write_text(text + "\n")
-    print(text)
-    return table
+def run_grid(out, docs, arms, world="shapes", seeds=(0, 1, 2), max_steps=300, n_eval=1000, train_images=4000,
+             train=True, score=True):
+    """Train and score what is missing of arms x seeds (seed by seed, arms in the given order), then write the
+    results; train=False scores only LoRAs already trained, score=False only summarizes cached scores; what is
+    left out is listed as missing."""
+    unknown = [a for a in arms if a not in ARMS and a not in REFERENCES]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join([*ARMS, *REFERENCES])}")
+    grid = Grid(out, docs, world, max_steps, train_images, n_eval)
+    missing = [f"{arm}_seed{seed}" for seed in seeds for arm in arms if not grid.run(arm, seed, train, score)]
+    return grid.write(list(arms), list(seeds), missing)
+
+
+def import_results(path, out, train_images=4000):
+    """Cache the per-seed values of a results JSON, this report's or the old one's ({"seeds", "max_steps",
+    "n_eval", "raw": {"lcm 1 step": {metric: [per seed]}}}, the shapes world), so the grid reuses them instead of
+    rerunning; returns how many scored sets it cached (sets already cached are kept)."""
+    data = json.loads(Path(path).read_text())
+    world, max_steps, n_eval = data.get("world", "shapes"), data["max_steps"], data["n_eval"]
+    train_images = data.get("train_images", train_images)
+    count = 0
+    for (arm, steps, seed), metrics in per_set(data).items():
+        file = score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval)
+        if not file.is_file() and set(metrics) >= set(METRICS):
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({m: metrics[m] for m in METRICS}, indent=1) + "\n")
+            count += 1
+    return count
+
+
+def per_set(data):
+    """{(arm, steps, seed): {metric: value}} from a results JSON of either format."""
+    sets = {}
+    if "rows" in data:
+        for arm, per in data["raw"].items():
+            for steps, metrics in per.items():
+                for m, by_seed in metrics.items():
+                    for seed, value in by_seed.items():
+                        sets.setdefault((arm, int(steps), int(seed)), {})[m] = value
+        return sets
+    names = {row_name(arm, k): (arm, k) for arm in [*ARMS, *REFERENCES] for k in REFERENCES.get(arm, STUDENT_STEPS)}
+    for row, metrics in data["raw"].items():
+        for i, seed in enumerate(data["seeds"]):
+            sets[(*names[row], seed)] = {m: values[i] for m, values in metrics.items()}
+    return sets
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.world.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/world_report", help="work folder: LoRAs, generated sets")
-    parser.add_argument("--docs", default="docs", help="where the table, JSON and PNG strips go")
+    parser.add_argument("--arms", nargs="+", default=["lcm", "scott", "scott_no_adv"], choices=[*ARMS, *REFERENCES],
+                        help="arms to train and score (real, teacher, nolora: reference rows that train nothing)")
+    parser.add_argument("--world", default="shapes", choices=scenes.WORLDS, help="shapes: full captions; diverse: "
+                        "the same images with captions that name only some attributes")
+    parser.add_argument("--out", default="runs/world_grid", help="work folder: LoRAs, generated sets, cached scores")
+    parser.add_argument("--docs", default="docs", help="where the results JSON, table and PNG strips go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")
     parser.add_argument("--max-steps", type=int, default=300, help="the training budget of every LoRA")
     parser.add_argument("--train-images", type=int, default=4000, help="world images each LoRA trains on")
-    parser.add_argument("--n-eval", type=int, default=500, help="captions (and real images) per evaluation set")
+    parser.add_argument("--n-eval", type=int, default=1000, help="captions (and real images) per evaluation set")
+    parser.add_argument("--no-train", action="store_true", help="score only LoRAs already trained; list the rest")
+    parser.add_argument("--summary-only", action="store_true", help="train and score nothing: summarize the cache")
+    parser.add_argument("--import-results", default=None, metavar="JSON",
+                        help="first cache the per-seed values of a results JSON (e.g. docs/world_results.json) so "
+                        "they are not rerun")
     args = parser.parse_args(argv)
-    run_report(args.out, args.seeds, args.max_steps, args.n_eval, args.docs, args.train_images)
+    if args.import_results:
+        print(f"cached {import_results(args.import_results, args.out, args.train_images)} scored sets")
+    run_grid(args.out, args.docs, args.arms, args.world, args.seeds, args.max_steps, args.n_eval, args.train_images,
+             train=not (args.no_train or args.summary_only), score=not args.summary_only)
 
 
 if __name__ == "__main__":

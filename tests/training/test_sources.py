@@ -6,7 +6,7 @@ import pytest
 
 from training.config import DistillConfig, UserError
 from training.data import DataError, PairDataset
-from training.sources import BuiltinPrompts, ImageFolder, PromptFile, TarShards, World, parse_source
+from training.sources import BuiltinPrompts, DiverseWorld, ImageFolder, PromptFile, TarShards, World, parse_source
 
 
 def test_each_spelling_parses_to_its_kind(tmp_path):
@@ -29,6 +29,7 @@ def test_each_spelling_parses_to_its_kind(tmp_path):
     [
         ("world:", "give world:N with N >= 1"),
         ("world:-3", "give world:N with N >= 1"),
+        ("diverse:x", "give diverse:N with N >= 1"),
         ("prompts:", "give prompts:FILE"),
     ],
 )
@@ -59,3 +60,20 @@ def test_a_dataset_takes_a_parsed_source_or_its_string(tmp_path, images):
     assert by_string.pairs == by_source.pairs and len(by_source) == 3
     with pytest.raises(DataError, match="is not images"):
         PairDataset(World(3), 8)
+
+
+def test_diverse_is_a_world_with_its_own_folder_and_captions(tmp_path):
+    from types import SimpleNamespace
+
+    from training.loop import world_folder
+    from training.world import scenes
+
+    diverse = parse_source("diverse:5")
+    assert diverse == DiverseWorld(5) != World(5) and isinstance(diverse, World) and not diverse.data_free
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    folder = world_folder(diverse, tmp_path, accelerator).path
+    assert folder == tmp_path / "diverse"
+    assert [scenes.sample_caption(folder, i) for i in range(5)] == [
+        scenes.caption_of(scenes.sample(i)[0], i, 0, "diverse") for i in range(5)]
+    assert world_folder(World(5), tmp_path, accelerator).path == tmp_path / "world"
+    assert scenes.sample_caption(tmp_path / "world", 2) == scenes.sample(2)[0].caption

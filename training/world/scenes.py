@@ -4,6 +4,11 @@ A scene is one shape at a position ("a large red circle on the left on a grey ba
 relation ("a small blue square above a large yellow triangle on a white background"). Relations are only "above"
 and "left of", so the first shape named is always the top (or left) one: every attribute of a caption can be read
 back from the image alone, which is what the evaluator's classifier does.
+
+The diverse world (`world="diverse"`) has the same images with captions that under-specify them: each attribute is
+named or left out at random ("a shape on a white background", "a red shape", "a large circle in the center", "two
+shapes", "a red shape above a small circle"), so many images fit one caption. `parse_partial` reads both kinds of
+caption back, with None for every attribute a caption leaves out.
 """
 
 import json
@@ -40,6 +45,9 @@ POSITIONS = {
 RELATIONS = {"above": ((0.5, 0.27), (0.5, 0.73)), "left of": ((0.27, 0.5), (0.73, 0.5))}
 JITTER = 0.06  # of the image size, uniform in each axis
 LAYOUTS = tuple(POSITIONS) + tuple(RELATIONS)
+WORLDS = ("shapes", "diverse")
+NAMED = 0.5  # the diverse world names each attribute (background, position, shape, colour, size) with this chance
+DIVERSE_SALT = 10**12  # the diverse caption's rng is apart from the scene's, so its images are the shapes world's
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,62 @@ def _parse_shape(words, caption):
     return Shape(parts[3], parts[2], parts[1])
 
 
+def diverse_caption(scene, rng):
+    """A caption that names each attribute of `scene` with chance NAMED (a two-shape scene: "two shapes" or both
+    shapes in their relation); the number of shapes is always said."""
+
+    def named(value):
+        return value if rng.random() < NAMED else None
+
+    def words(shape):
+        parts = ["a", named(shape.size), named(shape.colour), named(shape.shape) or "shape"]
+        return " ".join(p for p in parts if p)
+
+    if len(scene.shapes) == 1:
+        body = " ".join(p for p in (words(scene.shapes[0]), named(scene.layout)) if p)
+    elif rng.random() < NAMED:
+        body = f"{words(scene.shapes[0])} {scene.layout} {words(scene.shapes[1])}"
+    else:
+        body = "two shapes"
+    background = named(scene.background)
+    return f"{body} on a {background} background" if background else body
+
+
+def parse_partial(caption):
+    """The Scene a shapes-world or diverse-world caption describes, None for what it leaves out (a "two shapes"
+    caption: layout None and two blank shapes); ValueError if it is neither."""
+    body, sep, background = caption.strip().rpartition(" on a ")
+    if sep and background.endswith(" background"):
+        background = background.removesuffix(" background")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"not a shapes-world caption: {caption!r}")
+    else:
+        body, background = caption.strip(), None
+    if body == "two shapes":
+        return Scene(background, None, (Shape(None, None, None), Shape(None, None, None)))
+    for relation in RELATIONS:
+        first, found, second = body.partition(f" {relation} ")
+        if found:
+            return Scene(background, relation, (_partial_shape(first, caption), _partial_shape(second, caption)))
+    for position in POSITIONS:
+        if body.endswith(f" {position}"):
+            return Scene(background, position, (_partial_shape(body.removesuffix(f" {position}"), caption),))
+    return Scene(background, None, (_partial_shape(body, caption),))
+
+
+def _partial_shape(words, caption):
+    """'a [size] [colour] shape|circle|...' -> Shape with None for what is left out."""
+    parts = words.split()
+    if len(parts) < 2 or parts[0] != "a" or parts[-1] not in (*SHAPES, "shape"):
+        raise ValueError(f"not a shapes-world caption: {caption!r}")
+    middle = parts[1:-1]
+    size = middle.pop(0) if middle and middle[0] in SIZES else None
+    colour = middle.pop(0) if middle and middle[0] in COLOURS else None
+    if middle:
+        raise ValueError(f"not a shapes-world caption: {caption!r}")
+    return Shape(None if parts[-1] == "shape" else parts[-1], colour, size)
+
+
 def centres(scene, rng):
     """Pixel centres of the scene's shapes: the layout's anchor points plus uniform jitter from `rng`."""
     anchors = [POSITIONS[scene.layout]] if scene.layout in POSITIONS else list(RELATIONS[scene.layout])
@@ -136,6 +200,20 @@ def sample(index, seed=0):
     return scene, render(scene, rng)
 
 
+def check_world(world):
+    """`world` if it is one of WORLDS, else a ValueError naming them."""
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
+    return world
+
+
+def caption_of(scene, index, seed=0, world="shapes"):
+    """Image `index`'s caption in `world`: the full caption, or the diverse world's (a pure function of seed, index)."""
+    if check_world(world) == "shapes":
+        return scene.caption
+    return diverse_caption(scene, random.Random(DIVERSE_SALT + seed * 1_000_003 + index))
+
+
 def _sample_array(job):
     scene, image = sample(*job)
     return scene, np.asarray(image, dtype=np.uint8)
@@ -154,17 +232,19 @@ def sample_batch(count, seed=0, processes=1):
     return images, [scene for scene, _ in rows]
 
 
-def write_folder(folder, count, seed=0):
-    """Write images 0..count-1 as NNNNNN.png + NNNNNN.txt (skipping existing ones) and a metadata.jsonl naming
-    exactly those `count` pairs, so a folder left from a larger run still reads as `count` pairs."""
+def write_folder(folder, count, seed=0, world="shapes"):
+    """Write images 0..count-1 of `world` ("shapes" or "diverse": the same images, vaguer captions) as
+    NNNNNN.png + NNNNNN.txt (skipping existing ones) and a metadata.jsonl naming exactly those `count` pairs, so a
+    folder left from a larger run still reads as `count` pairs."""
     folder = Path(folder)
+    check_world(world)  # before any file is written
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         png = folder / f"{index:06d}.png"
         if png.is_file():
             continue
         scene, image = sample(index, seed)
-        save_pair(folder, f"{index:06d}", scene.caption, image)
+        save_pair(folder, f"{index:06d}", caption_of(scene, index, seed, world), image)
     rows = [{"file_name": f"{i:06d}.png", "text": sample_caption(folder, i)} for i in range(count)]
     (folder / "metadata.jsonl.tmp").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     (folder / "metadata.jsonl.tmp").replace(folder / "metadata.jsonl")

@@ -125,6 +125,39 @@ def test_prompt_accuracy_of_true_labels_is_one_and_of_shuffled_captions_is_low()
     assert shuffled["prompt_acc"] < 0.6 and shuffled["exact_match"] < 0.05
 
 
+def test_prompt_accuracy_of_full_captions_is_the_plain_label_match():
+    captions = [scenes.sample(i, seed=HELD_OUT)[0].caption for i in range(300)]
+    generator = torch.Generator().manual_seed(0)
+    truth = classifier.label_tensor([scenes.parse_caption(c) for c in captions])
+    preds = torch.where(torch.rand(truth.shape, generator=generator) < 0.2,
+                        torch.randint(0, 3, truth.shape, generator=generator), truth)
+    right = preds == truth
+    got = metrics.prompt_accuracy(preds, captions)
+    assert got["prompt_acc"] == right.double().mean().item()
+    assert got["exact_match"] == right.all(1).double().mean().item()
+    assert got["acc_size_b"] == right[:, 7].double().mean().item()
+
+
+def test_prompt_accuracy_checks_only_what_an_under_specified_caption_names():
+    heads = list(classifier.HEADS)
+
+    def pred(**values):  # a one-shape grey image unless told otherwise
+        names = {"background": "grey", "layout": "on the left", "shape_a": "circle", "colour_a": "red",
+                 "size_a": "small", "shape_b": "none", "colour_b": "none", "size_b": "none", **values}
+        return [classifier.CLASSES[h].index(names[h]) for h in heads]
+
+    # "a red shape": colour_a, the layout's kind (a position) and no second shape are checked: 5 heads
+    assert metrics.prompt_accuracy(torch.tensor([pred()]), ["a red shape"])["prompt_acc"] == 1.0
+    wrong_colour = metrics.prompt_accuracy(torch.tensor([pred(colour_a="blue")]), ["a red shape"])
+    assert wrong_colour["prompt_acc"] == pytest.approx(4 / 5) and wrong_colour["exact_match"] == 0.0
+    assert "acc_background" not in wrong_colour and wrong_colour["acc_colour_a"] == 0.0
+    two = pred(layout="above", shape_b="square", colour_b="green", size_b="large")
+    got = metrics.prompt_accuracy(torch.tensor([pred(shape_a="triangle"), two]), ["a large shape", "two shapes"])
+    # "a large shape" (size wrong, 4 of 5 right); "two shapes": a relation and a real second shape, 4 of 4 right
+    assert got["prompt_acc"] == pytest.approx(8 / 9) and got["exact_match"] == 0.5
+    assert metrics.prompt_accuracy(torch.tensor([two]), ["a shape"])["prompt_acc"] == 0.0  # 4 checked, all wrong
+
+
 @pytest.fixture(scope="module")
 def model():
     return classifier.load_classifier()
