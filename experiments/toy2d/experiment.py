@@ -82,9 +82,13 @@ class Student(nn.Module):
         nn.init.zeros_(linears[-1].bias)
         return [(lin.weight.detach().T.clone(), lin.bias.detach()[None].clone()) for lin in linears]
 
+    def teacher_x0(self, flat_z, flat_t):
+        """The teacher's clean estimate [N, 2] of z [N, 2] at t [N]: here the mixture's exact posterior mean."""
+        return self.mixture.denoise(flat_z, *schedule.alpha_sigma(flat_t, AB)).float()
+
     def forward(self, z, t):
         flat_z, flat_t = z.reshape(-1, 2), t.reshape(-1)
-        teacher_x0 = self.mixture.denoise(flat_z, *schedule.alpha_sigma(flat_t, AB)).float().reshape(z.shape)
+        teacher_x0 = self.teacher_x0(flat_z, flat_t).reshape(z.shape)
         angles = (t.float()[..., None] / 1000) * self.freqs
         h = torch.cat([z, teacher_x0, angles.sin(), angles.cos()], -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):

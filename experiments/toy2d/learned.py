@@ -39,7 +39,7 @@ from experiments.toy2d.experiment import (
 )
 from experiments.toy2d.mixture import GaussianMixture
 from scott_core import schedule
-from scott_core.consistency import consistency_function, x0_from_eps
+from scott_core.consistency import x0_from_eps
 from scott_core.solvers import solve
 
 STEP_COUNTS = (1, 2, 4)
@@ -236,16 +236,10 @@ class LearnedStudent(Student):
         super().__init__(None, init_seeds, hidden)
         self.eps_fn = lambda z, t: eps_fn(z, t)  # a plain function: the teacher's weights stay out of parameters()
 
-    def forward(self, z, t):
-        flat_z, flat_t = z.reshape(-1, 2), t.reshape(-1)
+    def teacher_x0(self, flat_z, flat_t):
+        """The learned teacher's clean estimate (no grad): the student's input feature."""
         with torch.no_grad():
-            x0 = teacher_x0(self.eps_fn, flat_z, flat_t).reshape(z.shape)
-        angles = (t.float()[..., None] / 1000) * self.freqs
-        h = torch.cat([z, x0, angles.sin(), angles.cos()], -1)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b, h, w)
-            h = nn.functional.silu(h) if i < len(self.weights) - 1 else h
-        return consistency_function(flat_z, (x0 + h).reshape(-1, 2), flat_t).reshape(z.shape)
+            return teacher_x0(self.eps_fn, flat_z, flat_t)
 
 
 class Discriminators(nn.Module):

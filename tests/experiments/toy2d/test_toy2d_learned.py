@@ -8,6 +8,7 @@ import torch
 
 from experiments.toy2d import experiment as toy2d
 from experiments.toy2d import learned
+from scott_core.consistency import consistency_function
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def test_student_input_is_the_learned_teacher_x0_not_the_exact_posterior_mean():
     z, t = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(1)), torch.full((1, 64), 999)
     alpha, sigma = (v.float() for v in learned.schedule.alpha_sigma(t[0], learned.AB))
     x0 = learned.perturbed(mixture, 1.3, 1.0).denoise(z[0], alpha, sigma).float()
-    expected = learned.consistency_function(z[0], x0, t[0])
+    expected = consistency_function(z[0], x0, t[0])
     assert torch.allclose(student(z, t)[0], expected, atol=1e-4)
     assert sum(p.numel() for p in student.parameters()) == sum(
         p.numel() for p in toy2d.Student(mixture, [0]).parameters())
