@@ -107,6 +107,15 @@ def pseudo_huber(a, b, c=0.001):
     return (((a - b) ** 2 + c**2).sqrt() - c).mean((1, 2))
 
 
+def paired_draws(mixture, grid, generators, batch):
+    """One draw per seed generator, stacked [S, B, ...]: data x0, t_n on the grid, z_n = alpha x0 + sigma noise."""
+    x0 = torch.stack([mixture.sample(batch, g) for g in generators]).float()
+    t_n = torch.stack([grid[torch.randint(len(grid), (batch,), generator=g)] for g in generators])
+    noise = torch.stack([torch.randn(batch, 2, generator=g) for g in generators])
+    alpha, sigma = (v.float().reshape(len(generators), batch, 1) for v in schedule.alpha_sigma(t_n, AB))
+    return x0, t_n, alpha * x0 + sigma * noise
+
+
 def distill(mixture, arms, seeds, iterations, batch=512, lr=1e-3, ema_decay=0.95, span=24, spacing=8):
     """Consistency distillation of len(arms) x len(seeds) students from the exact teacher; model a * S + s
     uses arm a and seed s (its init, data, t_n, noise; solver noise is shared across arms). Returns the EMA
@@ -118,11 +127,8 @@ def distill(mixture, arms, seeds, iterations, batch=512, lr=1e-3, ema_decay=0.95
     grid, teacher = schedule.training_grid(spacing), exact_eps(mixture)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     for it in range(iterations):
-        x0 = torch.stack([mixture.sample(batch, g) for g in generators]).float()
-        t_n = torch.stack([grid[torch.randint(len(grid), (batch,), generator=g)] for g in generators])
-        noise = torch.stack([torch.randn(batch, 2, generator=g) for g in generators])
-        alpha, sigma = (v.float().reshape(S, batch, 1) for v in schedule.alpha_sigma(t_n, AB))
-        z_n, t_m = alpha * x0 + sigma * noise, schedule.skip_timestep(t_n, span)
+        _, t_n, z_n = paired_draws(mixture, grid, generators, batch)
+        t_m = schedule.skip_timestep(t_n, span)
         with torch.no_grad():
             z_m = torch.stack(
                 [

@@ -33,6 +33,7 @@ from experiments.toy2d.experiment import (
     Student,
     mean_std,
     mode_coverage,
+    paired_draws,
     pseudo_huber,
     sample_students,
     stratified_sample,
@@ -287,11 +288,7 @@ def distill(eps_fn, mixture, arms, seeds, iterations, batch=256, lr=1e-3, ema_de
     grid = schedule.training_grid(spacing)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     for it in range(iterations):
-        x0 = torch.stack([mixture.sample(batch, g) for g in generators]).float()
-        t_n = torch.stack([grid[torch.randint(len(grid), (batch,), generator=g)] for g in generators])
-        noise = torch.stack([torch.randn(batch, 2, generator=g) for g in generators])
-        alpha, sigma = (v.float().reshape(S, batch, 1) for v in schedule.alpha_sigma(t_n, AB))
-        z_n = alpha * x0 + sigma * noise
+        x0, t_n, z_n = paired_draws(mixture, grid, generators, batch)
         t_m = torch.cat([schedule.skip_timestep(t_n, arm.span) for arm in arms])
         with torch.no_grad():
             z_m = torch.stack([
