@@ -300,12 +300,7 @@ def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precisio
                 train_step(step, vae, text, dim, scale, optimizer, resolution, batch_size, device, counter,
                            cache_latents)
     return {
-        "config": config,
-        "gradient_checkpointing": gradient_checkpointing,
-        "cache_latents": cache_latents if config != "synth" else None,
-        "resolution": resolution,
-        "batch_size": batch_size,
-        "mixed_precision": mixed_precision,
+        **settings(config, gradient_checkpointing, cache_latents, resolution, batch_size, mixed_precision),
         "peak_gib": round(counter.peak / GIB, 3),
         "peak_bytes": counter.peak,
         "phase_bytes": counter.phases,
@@ -314,6 +309,18 @@ def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precisio
         "flop": sum(counter.flops.values()),
         "phase_tflop": {k: round(v / 1e12, 3) for k, v in counter.flops.items()},
         "phase_flop": counter.flops,
+    }
+
+
+def settings(config, gradient_checkpointing, cache_latents, resolution, batch_size, mixed_precision):
+    """The settings columns of one JSON line (cache_latents None for synth, which has no latents to cache)."""
+    return {
+        "config": config,
+        "gradient_checkpointing": gradient_checkpointing,
+        "cache_latents": cache_latents if config != "synth" else None,
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "mixed_precision": mixed_precision,
     }
 
 
@@ -342,12 +349,7 @@ def measure(config, model="sd15", resolution=512, batch_size=8, mixed_precision=
         run()
         torch.cuda.synchronize()
     return {
-        "config": config,
-        "gradient_checkpointing": gradient_checkpointing,
-        "cache_latents": cache_latents if config != "synth" else None,
-        "resolution": resolution,
-        "batch_size": batch_size,
-        "mixed_precision": mixed_precision,
+        **settings(config, gradient_checkpointing, cache_latents, resolution, batch_size, mixed_precision),
         "max_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
         "max_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
         "device": torch.cuda.get_device_name(),
