@@ -82,6 +82,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def count_flops(fn):
+    """FLOPs of fn() by torch.utils.flop_counter's formulas (LiveBytes' counter, one phase)."""
+    counter = LiveBytes()
+    counter.begin("all")
+    with counter:
+        fn()
+    return counter.flops.get("all", 0)
+
+
 @contextlib.contextmanager
 def norms_in_fp32():
     """group_norm and layer_norm run in fp32 under autocast, as CUDA autocast runs them."""

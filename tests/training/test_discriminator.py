@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from benchmarks.memory import LiveBytes
+from benchmarks.memory import count_flops
 from scott_core.schedule import alpha_sigma, append_dims
 from training import checkpoint
 from training.data import make_loader
@@ -174,15 +174,6 @@ def test_down_mid_features_lora_and_head_are_the_down_and_mid_blocks(tiny_teache
     assert model.head.mlp[0].in_features == 32 + 64 + 64
 
 
-def flops(fn):
-    """FLOPs of fn() by torch.utils.flop_counter's formulas (benchmarks.memory's counter)."""
-    counter = LiveBytes()
-    counter.begin("all")
-    with counter:
-        fn()
-    return counter.flops.get("all", 0)
-
-
 def test_a_down_mid_disc_pass_costs_less_than_an_up_pass(tiny_teacher, tiny_data, tmp_path, tiny_config):
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([700, 50])
     cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
@@ -190,7 +181,7 @@ def test_a_down_mid_disc_pass_costs_less_than_an_up_pass(tiny_teacher, tiny_data
     for features in ("up", "down_mid"):
         _, model = disc_run(tiny_teacher, tiny_data, tmp_path, tiny_config, features)
         with torch.no_grad():
-            cost[features] = flops(lambda m=model: m.discriminate(x, t, cond))
+            cost[features] = count_flops(lambda m=model: m.discriminate(x, t, cond))
     assert 0 < cost["down_mid"] < 0.6 * cost["up"], cost
 
 

@@ -4,7 +4,7 @@ without gradient checkpointing (the disc's recompute runs under the disc's adapt
 import pytest
 import torch
 
-from benchmarks.memory import LiveBytes
+from benchmarks.memory import count_flops
 from scott_core.schedule import alpha_sigma, append_dims, skip_timestep
 from scott_core.solvers import solve
 from training.data import make_loader
@@ -111,22 +111,13 @@ def test_checkpointing_gives_the_same_gradients_in_every_pass(trained_run):
     assert any(g.abs().max() > 0 for g in recomputed[len(student):])
 
 
-def flops(fn):
-    """FLOPs of fn() by torch.utils.flop_counter's formulas (benchmarks.memory's counter)."""
-    counter = LiveBytes()
-    counter.begin("all")
-    with counter:
-        fn()
-    return counter.flops.get("all", 0)
-
-
 def test_phased_step_costs_at_most_one_more_no_grad_student_forward(trained_run):
     run, batch = trained_run
     model = run.accelerator.unwrap_model(run.model)
     z0, cond, draws = inputs(run, batch)
-    reference = flops(lambda: single_backward_loss(model, z0, cond, run.uncond, draws)[0].backward())
+    reference = count_flops(lambda: single_backward_loss(model, z0, cond, run.uncond, draws)[0].backward())
     z0, cond, draws = inputs(run, batch)
-    phased = flops(lambda: scott_backward(model, z0, cond, run.uncond, draws))
+    phased = count_flops(lambda: scott_backward(model, z0, cond, run.uncond, draws))
     model.zero_grad(set_to_none=True)
     t = draws.t_n
 
@@ -134,4 +125,4 @@ def test_phased_step_costs_at_most_one_more_no_grad_student_forward(trained_run)
         with torch.no_grad(), using(run.unet, STUDENT):
             model.consistency(z0, t, cond)
 
-    assert reference < phased <= reference + flops(student_forward)
+    assert reference < phased <= reference + count_flops(student_forward)

@@ -2,20 +2,10 @@
 
 import json
 
-import pytest
 import torch
 
 from experiments.toy2d import experiment as toy2d
 from experiments.toy2d.mixture import GaussianMixture
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is several times faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_exact_samples_match_the_mixture():

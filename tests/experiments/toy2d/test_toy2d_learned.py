@@ -11,15 +11,6 @@ from experiments.toy2d import learned
 from scott_core.consistency import consistency_function
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is several times faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """One --quick run shared by the tests that read its output."""
