@@ -40,6 +40,7 @@ ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, sp
     "ns03": ["--mode", "scott", "--solver", "noise_strength", "--noise-strength", "0.3", *NO_ADV],
     "grid20": ["--mode", "scott", "--grid-spacing", "20"],
     "adv_lr": ["--mode", "scott", "--disc-lr", "1e-4"],
+    "ode_adv": ["--mode", "scott", "--solver", "ode"],
 }
 REFERENCES = {"real": (0,), "teacher": (25,), "nolora": (1, 2, 4)}  # rows that train nothing: their step counts
 STUDENT_STEPS = (1, 2, 4)
