@@ -1,5 +1,5 @@
-"""Teacher solvers from t_n to t_m: a registry of one-step functions (DDIM(eta), first-order ER-SDE(phi)), each
-with its own knobs, the multi-step solve, CFG."""
+"""Teacher solvers from t_n to t_m: a registry of one-step functions (DDIM(eta), first-order ER-SDE(phi), ER-SDE 5
+below a timestep and the ODE above it), each with its own knobs, the multi-step solve, CFG."""
 
 import math
 from collections.abc import Callable
@@ -73,6 +73,19 @@ def er_sde(phi):
     return step
 
 
+def er_sde_below(phi):
+    """The registry's step for ER-SDE with noise scale phi on steps that start below timestep `noise_below` and the
+    ODE on the others (per sample; the step also gets t_s, the start timesteps): noise only where modes are decided."""
+    noisy, ode = er_sde(phi), er_sde(phi_ode)
+
+    def step(z, x0, eps, alpha_s, sigma_s, alpha_s2, sigma_s2, noise=None, *, t_s, noise_below):
+        below = _per_sample(torch.as_tensor(t_s) < noise_below, z).bool()
+        coefs = (alpha_s, sigma_s, alpha_s2, sigma_s2)
+        return torch.where(below, noisy(z, x0, eps, *coefs, noise), ode(z, x0, eps, *coefs))
+
+    return step
+
+
 @dataclass(frozen=True)
 class SolverSpec:
     """A teacher solver: its step (ddim_step's signature, plus its knobs) and its knobs, name -> default."""
@@ -80,6 +93,7 @@ class SolverSpec:
     step: Callable
     knobs: dict = field(default_factory=dict)
     stochastic: bool = True  # False: never draws noise; True: draws it unless all its knobs are 0
+    timed: bool = False  # True: the step also takes t_s, the start timestep of each sample
 
 
 SOLVERS = {
@@ -88,8 +102,9 @@ SOLVERS = {
     "sde": SolverSpec(er_sde(phi_sde)),
     "er_sde_5": SolverSpec(er_sde(phi_er_sde_5)),
     "noise_strength": SolverSpec(er_sde(phi_noise_strength), {"noise_strength": 0.0}),
+    "er_sde_5_below": SolverSpec(er_sde_below(phi_er_sde_5), {"noise_below": 500.0}, timed=True),
 }
-KNOBS = tuple(dict.fromkeys(k for spec in SOLVERS.values() for k in spec.knobs))  # ("eta", "noise_strength")
+KNOBS = tuple(dict.fromkeys(k for spec in SOLVERS.values() for k in spec.knobs))  # eta, noise_strength, noise_below
 
 
 def knob_owners(knob):
@@ -125,23 +140,24 @@ def _step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise, knobs):
     """One registered step s -> s2 with already-checked knobs."""
     coefs = [_per_sample(v, z) for v in (*alpha_sigma(t_s, alphas_cumprod), *alpha_sigma(t_s2, alphas_cumprod))]
     x0 = x0_from_eps(z, eps, coefs[0], coefs[1])
-    return SOLVERS[solver].step(z, x0, eps, *coefs, noise, **knobs)
+    timed = {"t_s": t_s} if SOLVERS[solver].timed else {}
+    return SOLVERS[solver].step(z, x0, eps, *coefs, noise, **timed, **knobs)
 
 
-def solver_step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise=None, *, eta=None, noise_strength=None):
+def solver_step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise=None, **knobs):
     """One teacher step s -> s2 (timesteps, scalars or [B]) from the (guided) eps at s; knobs as in `solve`."""
-    knobs = solver_knobs(solver, eta=eta, noise_strength=noise_strength)
-    return _step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise, knobs)
+    return _step(solver, z, eps, t_s, t_s2, alphas_cumprod, noise, solver_knobs(solver, **knobs))
 
 
 def solve(
-    eps_fn, z, t_n, t_m, alphas_cumprod, solver="er_sde_5", sub_steps=3, *, eta=None, noise_strength=None,
-    generator=None, noise_sampler=None,
+    eps_fn, z, t_n, t_m, alphas_cumprod, solver="er_sde_5", sub_steps=3, *, generator=None, noise_sampler=None,
+    **knobs,
 ):
     """Teacher solve t_n -> t_m in `sub_steps` equal sub-steps, fresh noise each; eps_fn(z, t[B]) -> eps.
-    `eta` is DDIM's (solver "ddim"), `noise_strength` the family's (solver "noise_strength"); None = the
-    solver's default (0); a knob the solver does not take is a ValueError."""
-    knobs = check_solver(solver, sub_steps, eta=eta, noise_strength=noise_strength)
+    Knobs: `eta` is DDIM's (solver "ddim"), `noise_strength` the family's (solver "noise_strength"), `noise_below`
+    the timestep below which "er_sde_5_below" adds noise; None = the solver's default; a knob the solver does not
+    take is a ValueError."""
+    knobs = check_solver(solver, sub_steps, **knobs)
     t_n, t_m = (torch.as_tensor(t).to("cpu", torch.float64).expand(z.shape[0]) for t in (t_n, t_m))
     if noise_sampler is None and not is_deterministic(solver, **knobs):
         noise_sampler = default_noise_sampler(z, generator)

@@ -180,8 +180,9 @@ class MethodOptions:
     )
     solver: str = _opt(
         None,
-        "teacher solver from t_n to t_m: ddim takes --eta, noise_strength takes --noise-strength, ode, sde and "
-        "er_sde_5 take no knob (giving a solver a knob it does not take is an error)",
+        "teacher solver from t_n to t_m: ddim takes --eta, noise_strength takes --noise-strength, er_sde_5_below "
+        "(ER-SDE 5 below a timestep, the ODE above) takes --noise-below, ode, sde and er_sde_5 take no knob (giving "
+        "a solver a knob it does not take is an error)",
         choices=SOLVERS,
     )
     eta: float = _opt(
@@ -194,6 +195,12 @@ class MethodOptions:
         "the teacher's noise for --solver noise_strength only: s in phi(x)=x^(1+s^2), 0 = the ODE, 1 = the "
         "full reverse SDE",
         range=AT_LEAST_0,
+    )
+    noise_below: float = _opt(
+        None,
+        "for --solver er_sde_5_below only: the timestep t* below which the teacher's sub-steps add ER-SDE 5's noise "
+        "(the ODE above t*, where modes are still undecided); 0 = the ODE, 1000 = er_sde_5",
+        range=Range(0, 1000),
     )
     sub_steps: int = _opt(
         None, "teacher sub-steps h from t_n to t_m; default 3 (scott), 1 (lcm)", range=AT_LEAST_1
@@ -462,7 +469,8 @@ def _default_text(f):
     if f.default is None and f.name == "data":
         return " (default: the built-in prompt list, data-free)"
     if f.name in KNOBS:
-        return f" (default: 0 with --solver {' / '.join(knob_owners(f.name))}; unset otherwise)"
+        owners = knob_owners(f.name)
+        return f" (default: {SOLVERS[owners[0]].knobs[f.name]:g} with --solver {' / '.join(owners)}; unset otherwise)"
     if f.name in MODE_DEFAULTS["scott"]:
         return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
     return f" (default: {f.default})"

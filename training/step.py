@@ -12,7 +12,7 @@ from torch import nn
 
 from scott_core.sampling import add_noise, consistency_denoiser
 from scott_core.schedule import append_dims, skip_timestep
-from scott_core.solvers import solve
+from scott_core.solvers import KNOBS, solve
 
 from .models import DISC, STUDENT, TARGET, frozen, guided_eps_fn, unet_eps_fn, unet_features, using
 
@@ -137,9 +137,8 @@ class SCottStep(nn.Module):
                 ab,
                 solver=cfg.solver,
                 sub_steps=cfg.sub_steps,
-                eta=cfg.eta,
-                noise_strength=cfg.noise_strength,
                 generator=draws.generator,
+                **{knob: getattr(cfg, knob) for knob in KNOBS},
             )
         with using(self.unet, TARGET):
             f_target = self.consistency(z_m, t_m, cond)

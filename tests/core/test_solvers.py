@@ -64,6 +64,7 @@ N = 8192
 FAMILIES = [
     ("ddim", dict(eta=0.0)), ("ddim", dict(eta=0.3)), ("ddim", dict(eta=1.0)), ("ode", {}), ("sde", {}),
     ("er_sde_5", {}), ("noise_strength", dict(noise_strength=0.3)), ("noise_strength", dict(noise_strength=1.0)),
+    ("er_sde_5_below", dict(noise_below=500)),
 ]
 SPANS = [(999, 975), (263, 239), (71, 47)]
 
@@ -127,7 +128,7 @@ def test_marginal_check_catches_a_wrong_noise_scale():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(solver="euler"), "solver must be one of ddim, ode, sde, er_sde_5, noise_strength"),
+        (dict(solver="euler"), "solver must be one of ddim, ode, sde, er_sde_5, noise_strength, er_sde_5_below"),
         (dict(sub_steps=0), "sub_steps must be an integer >= 1"),
         (dict(solver="noise_strength", noise_strength=-0.1), "noise_strength must be a finite number >= 0"),
         (dict(solver="noise_strength", noise_strength=float("nan")), "noise_strength must be a finite number >= 0"),
@@ -138,6 +139,8 @@ def test_marginal_check_catches_a_wrong_noise_scale():
         (dict(solver="noise_strength", eta=0.3), r"solver noise_strength takes no eta; it takes noise_strength \(eta"),
         (dict(solver="ode", eta=0.0), r"solver ode takes no eta; it takes no knob \(eta is for solver ddim\)"),
         (dict(solver="sde", noise_strength=0.0), "solver sde takes no noise_strength"),
+        (dict(solver="er_sde_5", noise_below=500), r"solver er_sde_5 takes no noise_below; .*er_sde_5_below\)"),
+        (dict(solver="er_sde_5_below", noise_below=-1), "noise_below must be a finite number >= 0"),
     ],
 )
 def test_bad_solver_arguments_name_the_problem(kwargs, message):
@@ -155,8 +158,8 @@ def test_solver_step_checks_knobs_too():
 def test_every_solver_runs_with_unused_knobs_left_none(solver):
     """The trainer passes every knob, None where the solver does not take it."""
     z = _latents(0, 4, 2).double()
-    out = solvers.solve(_exact_eps, z, 519, 495, AB, solver, 3, eta=None, noise_strength=None,
-                        generator=torch.Generator().manual_seed(0))
+    out = solvers.solve(_exact_eps, z, 519, 495, AB, solver, 3, generator=torch.Generator().manual_seed(0),
+                        **dict.fromkeys(solvers.KNOBS))
     assert out.shape == z.shape and torch.isfinite(out).all()
 
 
@@ -164,7 +167,7 @@ def test_every_solver_runs_with_unused_knobs_left_none(solver):
     "solver, knobs, draws",
     [("ode", {}, False), ("ddim", {}, False), ("ddim", dict(eta=0.0), False), ("ddim", dict(eta=0.3), True),
      ("noise_strength", {}, False), ("noise_strength", dict(noise_strength=0.3), True), ("sde", {}, True),
-     ("er_sde_5", {}, True)],
+     ("er_sde_5", {}, True), ("er_sde_5_below", {}, True), ("er_sde_5_below", dict(noise_below=0), False)],
 )
 def test_only_noisy_solvers_draw_from_the_generator(solver, knobs, draws):
     generator = torch.Generator().manual_seed(0)
@@ -180,3 +183,21 @@ def test_knob_defaults_are_zero_noise(t):
     ode = solvers.solver_step("ode", z, eps, t, t - 24, AB)
     assert (solvers.solver_step("ddim", z, eps, t, t - 24, AB) - ode).abs().max() < 1e-12
     assert torch.equal(solvers.solver_step("noise_strength", z, eps, t, t - 24, AB), ode)
+
+
+@pytest.mark.parametrize("t", [999, 519, 39])
+def test_noise_below_is_er_sde_5_below_t_star_and_the_ode_above(t):
+    """Per sample: a step starting below t* is ER-SDE 5's (same noise), one at or above t* the ODE's; t* = 0 is the
+    ODE everywhere and t* = 1000 ER-SDE 5 everywhere."""
+    z, eps, noise = _latents(0, 2, 4, 8, 8).double(), _latents(1, 2, 4, 8, 8).double(), _latents(2, 2, 4, 8, 8).double()
+    t_s = torch.tensor([t, t - 30], dtype=torch.float64)
+    ode = solvers.solver_step("ode", z, eps, t_s, t_s - 24, AB)
+    sde = solvers.solver_step("er_sde_5", z, eps, t_s, t_s - 24, AB, noise)
+    assert not torch.allclose(ode, sde)
+
+    def below(t_star):
+        return solvers.solver_step("er_sde_5_below", z, eps, t_s, t_s - 24, AB, noise, noise_below=t_star)
+
+    assert torch.equal(below(0), ode) and torch.equal(below(1000), sde)
+    split = below(t - 15)  # sample 0 starts above t*, sample 1 below
+    assert torch.equal(split[0], ode[0]) and torch.equal(split[1], sde[1])

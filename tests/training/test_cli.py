@@ -50,6 +50,8 @@ def test_modes_set_no_knob_their_solver_ignores():
     assert (ddim.eta, ddim.noise_strength) == (0.0, None)
     family = DistillConfig(teacher="t", data="d", solver="noise_strength", noise_strength=0.3).resolved()
     assert (family.eta, family.noise_strength) == (None, 0.3)
+    below = DistillConfig(teacher="t", data="d", solver="er_sde_5_below").resolved()
+    assert (below.eta, below.noise_strength, below.noise_below) == (None, None, 500.0)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +81,15 @@ def test_modes_set_no_knob_their_solver_ignores():
             ["--mode", "lcm", "--eta", "0"],
             "error: --solver ode (the default of --mode lcm) takes no --eta (it takes no knob): drop --eta, "
             "or use --solver ddim",
+        ),
+        (
+            ["--noise-below", "300"],
+            "error: --solver er_sde_5 (the default of --mode scott) takes no --noise-below (it takes no knob): "
+            "drop --noise-below, or use --solver er_sde_5_below",
+        ),
+        (
+            ["--solver", "er_sde_5_below", "--noise-below", "1001"],
+            "error: --noise-below must be in [0, 1000], got 1001",
         ),
         (["--solver", "ddim", "--eta", "-0.1"], "error: --eta must be >= 0, got -0.1"),
         (["--solver", "noise_strength", "--noise-strength", "inf"], "error: --noise-strength must be a finite"),

@@ -111,8 +111,12 @@ def test_training_run_exports_beside_its_config(tiny_teacher, tiny_data, tmp_pat
             {"scott.solver": "noise_strength", "scott.noise_strength": "0.3"},
         ),
         (dict(mode="lcm", solver="sde"), {"scott.solver": "sde"}),
+        (
+            dict(solver="er_sde_5_below", noise_below=300),
+            {"scott.solver": "er_sde_5_below", "scott.noise_below": "300"},
+        ),
     ],
 )
 def test_metadata_names_the_solver_and_only_the_knob_it_used(flags, solver_keys):
     meta = metadata(DistillConfig(teacher="t", data="d", **flags).resolved(), "base", "0" * 64)
-    assert {k: v for k, v in meta.items() if k in ("scott.solver", "scott.eta", "scott.noise_strength")} == solver_keys
+    assert {k: v for k, v in meta.items() if k.startswith(("scott.solver", "scott.eta", "scott.noise"))} == solver_keys

@@ -42,11 +42,12 @@ def test_arm_and_world_selection():
     assert "world:4000" in report.distill_argv("shapes", "lcm", 0, "f", 300, 4000)
     configs = {arm: vars(parse_config(["--teacher", "demo", *argv])) for arm, argv in report.ARMS.items()}
     changed = {arm: {k for k, v in cfg.items() if v != configs["scott"][k]} for arm, cfg in configs.items()}
-    assert changed == {  # against --mode scott's defaults; the ODE and noise_strength arms also drop the adversary
+    assert changed == {  # against --mode scott's defaults; the no-adversary arms drop adv_weight too
         "lcm": {"mode", "name", "solver", "sub_steps", "span", "grid_spacing", "adv_weight"}, "scott": set(),
         "scott_no_adv": {"adv_weight"}, "ode_h3": {"solver", "adv_weight"},
         "ns01": {"solver", "noise_strength", "adv_weight"}, "ns03": {"solver", "noise_strength", "adv_weight"},
-        "grid20": {"grid_spacing"}, "adv_lr": {"disc_lr"}, "ode_adv": {"solver"}}
+        "grid20": {"grid_spacing"}, "adv_lr": {"disc_lr"}, "ode_adv": {"solver"},
+        "below500": {"solver", "noise_below", "adv_weight"}}
     with pytest.raises(ValueError, match="unknown arm.*bogus: choose from lcm, scott"):
         report.run_grid("o", "d", ["lcm", "bogus"])
     with pytest.raises(ValueError, match="world must be one of shapes, diverse"):
