@@ -53,20 +53,26 @@ STRIP = 8  # images per PNG strip: the first 8 evaluation captions, generation s
 DATA_PREFIX = {"shapes": "world", "diverse": "diverse"}
 
 
-def lora_path(out, world, arm, seed, max_steps, train_images):
-    """Where the (world, arm, seed) LoRA of this budget lives under the work folder."""
-    return Path(out) / "loras" / f"{world}_{max_steps}_{train_images}" / f"{arm}_seed{seed}" / f"{arm}.safetensors"
+def budget_name(world, max_steps, train_images, teacher="demo"):
+    """'shapes_300_4000'; a teacher other than the demo one adds its folder's name."""
+    return f"{world}_{max_steps}_{train_images}" + ("" if teacher == "demo" else f"_{Path(teacher).name}")
 
 
-def score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval):
+def lora_path(out, world, arm, seed, max_steps, train_images, teacher="demo"):
+    """Where the (world, arm, seed) LoRA of this budget and teacher lives under the work folder."""
+    budget = budget_name(world, max_steps, train_images, teacher)
+    return Path(out) / "loras" / budget / f"{arm}_seed{seed}" / f"{arm}.safetensors"
+
+
+def score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval, teacher="demo"):
     """The cached metrics of one scored set (a JSON); its presence means the set is done."""
-    budget = f"{world}_{max_steps}_{train_images}_n{n_eval}"
+    budget = f"{budget_name(world, max_steps, train_images, teacher)}_n{n_eval}"
     return Path(out) / "scores" / budget / f"{arm}_seed{seed}_{steps}step.json"
 
 
-def distill_argv(world, arm, seed, folder, max_steps, train_images):
+def distill_argv(world, arm, seed, folder, max_steps, train_images, teacher="demo"):
     """The training.distill command line of one (arm, seed) LoRA."""
-    argv = ["--teacher", "demo", "--output", str(folder), "--name", arm, "--seed", str(seed)]
+    argv = ["--teacher", str(teacher), "--output", str(folder), "--name", arm, "--seed", str(seed)]
     argv += ["--data", f"{DATA_PREFIX[world]}:{train_images}"]
     return argv + ["--max-steps", str(max_steps), "--validate-every", "0", "--checkpoint-every", "0", *ARMS[arm]]
 
@@ -78,10 +84,10 @@ def distill(lora, argv):
     return lora
 
 
-def load_pipeline(lora=None):
-    """The demo teacher's DPM-Solver++ 2M pipeline (training.synth.teacher_pipeline; fp32, CPU), with `lora` loaded
-    if given."""
-    pipe = teacher_pipeline(load_teacher(demo_teacher()))
+def load_pipeline(lora=None, teacher="demo"):
+    """The teacher's (default: the demo one's) DPM-Solver++ 2M pipeline (training.synth.teacher_pipeline; fp32,
+    CPU), with `lora` loaded if given."""
+    pipe = teacher_pipeline(load_teacher(demo_teacher() if teacher == "demo" else teacher))
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe
@@ -216,10 +222,16 @@ def diff_cell(diff):
 class Grid:
     """One world and budget: where its LoRAs, scored sets and strips go, and the real evaluation set."""
 
-    def __init__(self, out, docs, world, max_steps, train_images, n_eval):
+    def __init__(self, out, docs, world, max_steps, train_images, n_eval, teacher="demo"):
         self.out, self.docs, self.world = Path(out), Path(docs), scenes.check_world(world)
-        self.max_steps, self.train_images, self.n_eval = max_steps, train_images, n_eval
+        self.max_steps, self.train_images, self.n_eval, self.teacher = max_steps, train_images, n_eval, str(teacher)
         self._real = self._model = None
+
+    @property
+    def tag(self):
+        """'' for the shapes world and the demo teacher, else the world and/or the teacher's folder name."""
+        parts = [self.world] * (self.world != "shapes") + [Path(self.teacher).name] * (self.teacher != "demo")
+        return "_".join(parts)
 
     @property
     def real(self):
@@ -235,7 +247,8 @@ class Grid:
 
     def score_file(self, arm, seed, steps):
         """The cached metrics of (arm, seed) at `steps` in this world and budget."""
-        return score_path(self.out, self.world, arm, seed, steps, self.max_steps, self.train_images, self.n_eval)
+        return score_path(self.out, self.world, arm, seed, steps, self.max_steps, self.train_images, self.n_eval,
+                          self.teacher)
 
     def steps_of(self, arm):
         """The step counts a row is scored at (the teacher: 25; the real draw: 0)."""
@@ -247,7 +260,7 @@ class Grid:
 
     def lora(self, arm, seed):
         """The (arm, seed) LoRA of this world and budget."""
-        return lora_path(self.out, self.world, arm, seed, self.max_steps, self.train_images)
+        return lora_path(self.out, self.world, arm, seed, self.max_steps, self.train_images, self.teacher)
 
     def cache(self, arm, seed, steps, folder):
         """Score a folder against the real set and cache its metrics."""
@@ -265,7 +278,7 @@ class Grid:
         file = self.score_file(arm, seed, steps)
         self.cache(arm, seed, steps, write_set(self.out / "sets" / file.parent.name / file.stem, images, captions))
         if seed == 0:
-            name = ("" if self.world == "shapes" else f"{self.world}_") + arm
+            name = (f"{self.tag}_" if self.tag else "") + arm
             strip(images, self.docs / "world" / (f"{name}.png" if arm == "teacher" else f"{name}_{steps}step.png"))
 
     def run(self, arm, seed, train=True, score=True):
@@ -280,12 +293,14 @@ class Grid:
             return True
         captions = self.captions()
         if arm == "teacher":
-            self.score(arm, seed, TEACHER_STEPS, teacher_images(load_pipeline(), captions, seed), captions)
+            pipe = load_pipeline(None, self.teacher)
+            self.score(arm, seed, TEACHER_STEPS, teacher_images(pipe, captions, seed), captions)
             return True
         lora = self.lora(arm, seed)
         if arm != "nolora":
-            distill(lora, distill_argv(self.world, arm, seed, lora.parent, self.max_steps, self.train_images))
-        pipe = load_pipeline(None if arm == "nolora" else lora)
+            argv = distill_argv(self.world, arm, seed, lora.parent, self.max_steps, self.train_images, self.teacher)
+            distill(lora, argv)
+        pipe = load_pipeline(None if arm == "nolora" else lora, self.teacher)
         for steps in self.steps_of(arm):
             if not self.score_file(arm, seed, steps).is_file():
                 self.score(arm, seed, steps, student_images(pipe, captions, steps, seed), captions)
@@ -304,16 +319,16 @@ class Grid:
         return raw
 
     def results_name(self):
-        """world_results for the shapes world, world_<world>_results otherwise."""
-        return "world_results" if self.world == "shapes" else f"world_{self.world}_results"
+        """world_results for the shapes world and the demo teacher, world_<tag>_results otherwise."""
+        return f"world_{self.tag}_results" if self.tag else "world_results"
 
     def write(self, arms, seeds, missing):
         """Summarize the cached sets into <docs>/<results>.json and .md; returns the JSON object."""
         raw = self.raw(arms, seeds)
         rows, diffs = summarize(raw)
-        numbers = {"world": self.world, "max_steps": self.max_steps, "train_images": self.train_images,
-                   "n_eval": self.n_eval, "seeds": seeds, "arms": arms, "missing": missing, "rows": rows,
-                   "paired_to_lcm": diffs, "raw": raw}
+        numbers = {"world": self.world, "teacher": self.teacher, "max_steps": self.max_steps,
+                   "train_images": self.train_images, "n_eval": self.n_eval, "seeds": seeds, "arms": arms,
+                   "missing": missing, "rows": rows, "paired_to_lcm": diffs, "raw": raw}
         self.docs.mkdir(parents=True, exist_ok=True)
         (self.docs / f"{self.results_name()}.json").write_text(json.dumps(numbers, indent=1) + "\n")
         text = markdown(rows, diffs, raw)
@@ -323,14 +338,14 @@ class Grid:
 
 
 def run_grid(out, docs, arms, world="shapes", seeds=(0, 1, 2), max_steps=300, n_eval=1000, train_images=4000,
-             train=True, score=True):
+             train=True, score=True, teacher="demo"):
     """Train and score what is missing of arms x seeds (seed by seed, arms in the given order), then write the
     results; train=False scores only LoRAs already trained, score=False only summarizes cached scores; what is
     left out is listed as missing."""
     unknown = [a for a in arms if a not in ARMS and a not in REFERENCES]
     if unknown:
         raise ValueError(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join([*ARMS, *REFERENCES])}")
-    grid = Grid(out, docs, world, max_steps, train_images, n_eval)
+    grid = Grid(out, docs, world, max_steps, train_images, n_eval, teacher)
     missing = [f"{arm}_seed{seed}" for seed in seeds for arm in arms if not grid.run(arm, seed, train, score)]
     return grid.write(list(arms), list(seeds), missing)
 
@@ -341,10 +356,10 @@ def import_results(path, out, train_images=4000):
     rerunning; returns how many scored sets it cached (sets already cached are kept)."""
     data = json.loads(Path(path).read_text())
     world, max_steps, n_eval = data.get("world", "shapes"), data["max_steps"], data["n_eval"]
-    train_images = data.get("train_images", train_images)
+    train_images, teacher = data.get("train_images", train_images), data.get("teacher", "demo")
     count = 0
     for (arm, steps, seed), metrics in per_set(data).items():
-        file = score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval)
+        file = score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval, teacher)
         if not file.is_file() and set(metrics) >= set(METRICS):
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps({m: metrics[m] for m in METRICS}, indent=1) + "\n")
@@ -378,6 +393,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/world_grid", help="work folder: LoRAs, generated sets, cached scores")
     parser.add_argument("--docs", default="docs", help="where the results JSON, table and PNG strips go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")
+    parser.add_argument("--teacher", default="demo", help="the teacher folder every arm distils (default: the demo "
+                        "teacher; the diverse world's: experiments/world/assets/diverse_teacher)")
     parser.add_argument("--max-steps", type=int, default=300, help="the training budget of every LoRA")
     parser.add_argument("--train-images", type=int, default=4000, help="world images each LoRA trains on")
     parser.add_argument("--n-eval", type=int, default=1000, help="captions (and real images) per evaluation set")
@@ -390,7 +407,7 @@ def main(argv=None):
     if args.import_results:
         print(f"cached {import_results(args.import_results, args.out, args.train_images)} scored sets")
     run_grid(args.out, args.docs, args.arms, args.world, args.seeds, args.max_steps, args.n_eval, args.train_images,
-             train=not (args.no_train or args.summary_only), score=not args.summary_only)
+             train=not (args.no_train or args.summary_only), score=not args.summary_only, teacher=args.teacher)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ UNet2DConditionModel and a CLIP text model from scratch together with SD's epsil
 (phase 2), and saves an fp16 StableDiffusionPipeline folder that `training.models.load_teacher` opens. The CLIP
 tokenizer and the noise schedule are SD1.5's own (training/assets/sd15), so the folder is an SD1.5-family teacher
 in everything but size. Ctrl-C (or SIGTERM) ends the current phase early and still saves.
+
+`--world diverse` trains on the diverse world's captions (the same images, captions naming only some attributes);
+`--init FOLDER` starts from a saved teacher: its VAE (and latent scale) is kept, phase 1 is skipped, and its UNet and
+text encoder train further on this world's captions (how the diverse teacher is made from the demo one:
+`python -m experiments.world.teacher --init training/assets/demo --world diverse --minutes 20 --lr 3e-4 --out
+experiments/world/assets/diverse_teacher`).
 """
 
 import argparse
@@ -128,6 +134,18 @@ def text_model(size, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModel(config)
+
+
+def initial_models(init, size):
+    """(tokenizer, vae, unet, text encoder): new ones of `size`, or those of the saved teacher `init` (fp32), its UNet
+    and text encoder trainable."""
+    if init is None:
+        tokenizer = load_tokenizer()
+        return tokenizer, vae_model(size), unet_model(size), text_model(size, tokenizer)
+    teacher = load_teacher(init)
+    teacher.unet.requires_grad_(True)
+    teacher.text_encoder.requires_grad_(True)
+    return teacher.tokenizer, teacher.vae, teacher.unet, teacher.text_encoder
 
 
 def load_tokenizer():
@@ -269,7 +287,7 @@ def build_pipeline(vae, text_encoder, tokenizer, unet):
     )
 
 
-def save(out, pipe, readme):
+def save(out, pipe, readme, prompts=PROMPTS):
     """Write the pipeline in fp16 (the files themselves, no variant), prompts.txt and README.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +296,7 @@ def save(out, pipe, readme):
     pipe.to(torch.float32)
     shutil.rmtree(out / "tokenizer")  # transformers writes a 3.6 MB tokenizer.json: ship SD1.5's own files instead
     shutil.copytree(ASSETS / "tokenizer", out / "tokenizer")
-    (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (out / "README.md").write_text(readme, encoding="utf-8")
     return out
 
@@ -321,11 +339,19 @@ def describe(args, size, models, phases, scale, mb):
     tail = lambda losses: f"{np.mean(losses[-200:]):.4f}" if losses else "n/a"  # noqa: E731
     counts = ", ".join(f"{name} {param_count(module) / 1e6:.2f} M" for name, module in models.items())
     command = f"python -m experiments.world.teacher --out {args.out} --minutes {args.minutes:g} --lr {args.lr:g}"
-    command += f" --seed {args.seed}" + (" --quick" if args.quick else "")
-    return f"""# Shapes-world demo teacher
+    command += f" --seed {args.seed} --world {args.world}" + (f" --init {args.init}" if args.init else "")
+    command += " --quick" if args.quick else ""
+    if args.init:
+        title = f"{args.world.capitalize()}-world teacher"
+        origin = f"fine-tuned from the teacher in `{args.init}` (its VAE kept) on the {args.world} world's captions"
+    else:
+        title, origin = "Shapes-world demo teacher", (
+            "trained from scratch on the procedural shapes world; the teacher of "
+            "`python -m training.distill --teacher demo`"
+        )
+    return f"""# {title}
 
-A tiny SD1.5-family pipeline (diffusers folder, fp16) trained from scratch on the procedural shapes world
-(`training/world/scenes.py`, 64 px): the teacher of `python -m training.distill --teacher demo`.
+A tiny SD1.5-family pipeline (diffusers folder, fp16), {origin} (`training/world/scenes.py`, 64 px).
 SD1.5's CLIP tokenizer and noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction).
 
 Made by `{command}` (`torch.set_num_threads({torch.get_num_threads()})`).
@@ -353,6 +379,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help=f"tiny models, {QUICK_STEPS} steps a phase (tests)")
     parser.add_argument("--grid", help="only draw a sample grid of --out's prompts.txt to this PNG, then exit")
+    parser.add_argument("--world", default="shapes", choices=scenes.WORLDS, help="whose captions to train on")
+    parser.add_argument("--init", default=None, metavar="FOLDER", help="start from this saved teacher: keep its VAE "
+                        "(no phase 1), train its UNet and text encoder further")
     args = parser.parse_args(argv)
     if args.grid:
         print(sample_grid(args.out, args.grid))
@@ -369,20 +398,24 @@ def main(argv=None):
     seconds = None if args.quick else args.minutes * 60
     started = time.monotonic()
 
-    tokenizer = load_tokenizer()
-    vae, unet, text_encoder = vae_model(size), unet_model(size), text_model(size, tokenizer)
+    tokenizer, vae, unet, text_encoder = initial_models(args.init, size)
     models = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
     total = sum(param_count(m) for m in models.values())
     print(", ".join(f"{k} {param_count(m) / 1e6:.2f} M" for k, m in models.items()), f"({2 * total / 1e6:.1f} MB fp16)")
 
     images, drawn = scenes.sample_batch(size["pool"], args.seed, processes=2)
-    captions = [scene.caption for scene in drawn]
-    print(f"rendered {len(captions)} images, {len(set(captions))} distinct captions", flush=True)
+    captions = [scenes.caption_of(scene, i, args.seed, args.world) for i, scene in enumerate(drawn)]
+    print(f"rendered {len(captions)} images, {len(set(captions))} distinct {args.world} captions", flush=True)
     remaining = lambda: None if seconds is None else max(1.0, seconds - (time.monotonic() - started))  # noqa: E731
-    vae_phase = train_vae(vae, images, seconds and VAE_FRACTION * seconds, max_steps, size["vae_batch"], seed=args.seed)
+    if args.init:
+        vae_phase = ([], 0.0)
+        latents = (*encode_pool(vae, images)[:2], vae.config.scaling_factor)  # the UNet was trained at this scale
+    else:
+        vae_phase = train_vae(
+            vae, images, seconds and VAE_FRACTION * seconds, max_steps, size["vae_batch"], seed=args.seed
+        )
+        latents = encode_pool(vae, images)
     vae.requires_grad_(False)
-    latents = encode_pool(vae, images)
-    vae.config.scaling_factor = latents[2]
     vae.register_to_config(scaling_factor=latents[2])
     print(f"scaling_factor {latents[2]:.4f}; latent mean {latents[0].mean():.3f}", flush=True)
     del images
@@ -393,7 +426,7 @@ def main(argv=None):
         unet, text_encoder, latents, ids, empty_ids, remaining(), max_steps, size["unet_batch"], args.lr, args.seed
     )
     pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
-    save(args.out, pipe, "")
+    save(args.out, pipe, "", PROMPTS if args.world == "shapes" else captions[: len(PROMPTS)])
     readme = describe(args, size, models, (vae_phase, unet_phase), latents[2], folder_mb(args.out))
     (Path(args.out) / "README.md").write_text(readme, encoding="utf-8")
     print(readme)

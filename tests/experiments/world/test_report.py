@@ -82,7 +82,7 @@ def fake_grid(monkeypatch):
         return torch.zeros(len(args[1]), scenes.SIZE, scenes.SIZE, 3, dtype=torch.uint8)
 
     monkeypatch.setattr(report, "distill", distill)
-    monkeypatch.setattr(report, "load_pipeline", lambda lora=None: None)
+    monkeypatch.setattr(report, "load_pipeline", lambda lora=None, teacher="demo": None)
     monkeypatch.setattr(report, "student_images", images)
     monkeypatch.setattr(report, "teacher_images", images)
     monkeypatch.setattr(evaluate, "evaluate_folder", scorer)
@@ -118,6 +118,23 @@ def test_a_rerun_trains_and_scores_nothing_and_writes_the_same_json(tmp_path, fa
     diff = written["paired_to_lcm"]["scott"]["1"]["fd"]
     assert diff["diffs"] == [raw[s] - written["raw"]["lcm"]["1"]["fd"][s] for s in ("0", "1")]
     assert set(written["paired_to_lcm"]) == {"scott", "ode_h3"}
+
+
+def test_another_teacher_gets_its_own_loras_scores_and_results(tmp_path, fake_grid, monkeypatch):
+    teacher = str(tmp_path / "teachers" / "diverse_teacher")
+    assert report.distill_argv("diverse", "lcm", 0, "f", 5, 9, teacher)[:2] == ["--teacher", teacher]
+    argvs = []
+    monkeypatch.setattr(report, "distill_argv", lambda *args: argvs.append(args) or [])
+    out = report.run_grid(tmp_path / "out", tmp_path / "docs", ["lcm", "teacher"], "diverse", [0], max_steps=5,
+                          n_eval=6, train_images=9, teacher=teacher)
+    assert argvs[0][-1] == teacher and out["teacher"] == teacher
+    assert report.lora_path(tmp_path / "out", "diverse", "lcm", 0, 5, 9, teacher).is_file()
+    assert not report.lora_path(tmp_path / "out", "diverse", "lcm", 0, 5, 9).is_file()  # the demo teacher's own
+    assert (tmp_path / "docs" / "world_diverse_diverse_teacher_results.json").is_file()
+    assert (tmp_path / "docs" / "world" / "diverse_diverse_teacher_lcm_1step.png").is_file()
+    assert report.import_results(tmp_path / "docs" / "world_diverse_diverse_teacher_results.json",
+                                 tmp_path / "again") == 4
+    assert report.score_path(tmp_path / "again", "diverse", "teacher", 0, 25, 5, 9, 6, teacher).is_file()
 
 
 def test_no_train_scores_only_existing_loras_and_lists_the_rest(tmp_path, fake_grid):

@@ -79,6 +79,28 @@ def test_quick_teacher_generates_a_64px_image(quick_teacher):
     assert image.size == (scenes.SIZE, scenes.SIZE)
 
 
+def test_init_keeps_the_vae_and_trains_on_the_diverse_captions(quick_teacher, tmp_path):
+    """--init: the saved teacher's VAE and latent scale unchanged, its UNet trained further; --world diverse: the
+    prompts are diverse-world captions (same images as seed 0's pool, captions naming only some attributes)."""
+    out = tmp_path / "diverse"
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:
+        world_teacher.main(["--out", str(out), "--quick", "--threads", "1", "--init", str(quick_teacher),
+                            "--world", "diverse"])
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, handler)
+    before, after = load_teacher(quick_teacher), load_teacher(out)
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    for name, value in before.vae.state_dict().items():
+        assert torch.equal(after.vae.state_dict()[name], value), name
+    assert any(not torch.equal(after.unet.state_dict()[k], v) for k, v in before.unet.state_dict().items())
+    _, drawn = scenes.sample_batch(8, 0)
+    expected = [scenes.caption_of(scene, i, 0, "diverse") for i, scene in enumerate(drawn)]
+    assert (out / "prompts.txt").read_text(encoding="utf-8").splitlines() == expected
+    assert (out / "README.md").read_text(encoding="utf-8").startswith("# Diverse-world teacher")
+
+
 @pytest.mark.skipif(not (DEMO_TEACHER / "model_index.json").is_file(), reason="no shipped demo teacher")
 def test_shipped_demo_teacher_fits_and_loads():
     assert world_teacher.folder_mb(DEMO_TEACHER) <= 20.0
