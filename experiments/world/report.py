@@ -45,7 +45,7 @@ ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, sp
 }
 REFERENCES = {"real": (0,), "teacher": (25,), "nolora": (1, 2, 4)}  # rows that train nothing: their step counts
 STUDENT_STEPS = (1, 2, 4)
-BASELINE = "lcm"
+BASELINES = ("lcm", "scott")  # every other student arm is paired with each: the baseline, and SCott's defaults
 EVAL_SEED = 7  # the real evaluation images; the trainer's world:N data uses seed 0
 TEACHER_STEPS, TEACHER_CFG = 25, 7.5
 METRICS = ("fd", "prompt_acc", "exact_match", "precision", "recall", "density", "coverage")
@@ -169,16 +169,21 @@ def is_real(diff):
 
 
 def summarize(raw):
-    """{arm: {steps: {metric: {seed: value}}}} -> rows ([mean, std] over seeds) and the paired differences to LCM."""
+    """{arm: {steps: {metric: {seed: value}}}} -> rows ([mean, std] over seeds) and, for each of BASELINES, the
+    paired differences of the student arms after it ({baseline: {arm: {steps: {metric: paired}}}})."""
     rows = {arm: {k: {m: list(mean_std(list(v.values()))) for m, v in by.items()} for k, by in per.items()}
             for arm, per in raw.items()}
-    diffs = {}
-    for arm, per in raw.items():
-        if arm == BASELINE or arm in REFERENCES or BASELINE not in raw:
-            continue
-        diffs[arm] = {k: {m: paired(v, raw[BASELINE].get(k, {}).get(m, {})) for m, v in by.items()}
-                      for k, by in per.items() if k in raw[BASELINE]}
-    return rows, diffs
+    return rows, {baseline: paired_to(raw, baseline) for baseline in BASELINES}
+
+
+def paired_to(raw, baseline):
+    """{arm: {steps: {metric: paired}}} of every student arm but the baselines up to this one, against it."""
+    if baseline not in raw:
+        return {}
+    skip = {*BASELINES[: BASELINES.index(baseline) + 1], *REFERENCES}
+    return {arm: {k: {m: paired(v, raw[baseline][k].get(m, {})) for m, v in by.items()}
+                  for k, by in per.items() if k in raw[baseline]}
+            for arm, per in raw.items() if arm not in skip}
 
 
 def row_name(arm, steps):
@@ -192,7 +197,7 @@ def row_name(arm, steps):
 
 
 def markdown(rows, diffs, raw):
-    """The rows (mean +- std, seeds) and the paired differences to LCM (mean +- SE, 'real' beyond 2 SE)."""
+    """The rows (mean +- std, seeds) and the paired differences to each baseline (mean +- SE, 'real' beyond 2 SE)."""
     head = ["row", "seeds", "FD (lower is better)", *METRICS[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, per in rows.items():
@@ -200,11 +205,13 @@ def markdown(rows, diffs, raw):
             n = len(raw[arm][steps]["fd"])
             cells = [f"{metrics[m][0]:.3f} +- {metrics[m][1]:.3f}" if m in metrics else "-" for m in METRICS]
             lines.append(f"| {row_name(arm, steps)} | {n} | " + " | ".join(cells) + " |")
-    if diffs:
-        lines += ["", f"Paired difference to {BASELINE} (arm - {BASELINE}, same seed): mean +- standard error "
+    for baseline, by_arm in diffs.items():
+        if not by_arm:
+            continue
+        lines += ["", f"Paired difference to {baseline} (arm - {baseline}, same seed): mean +- standard error "
                   "(seeds); **real** where |mean| > 2 SE.", "", lines[0].replace("| seeds ", ""),
                   "|" + "---|" * (len(head) - 1)]
-        for arm, per in diffs.items():
+        for arm, per in by_arm.items():
             for steps, metrics in per.items():
                 lines.append(f"| {row_name(arm, steps)} | " + " | ".join(diff_cell(metrics.get(m)) for m in METRICS)
                              + " |")
@@ -328,7 +335,7 @@ class Grid:
         rows, diffs = summarize(raw)
         numbers = {"world": self.world, "teacher": self.teacher, "max_steps": self.max_steps,
                    "train_images": self.train_images, "n_eval": self.n_eval, "seeds": seeds, "arms": arms,
-                   "missing": missing, "rows": rows, "paired_to_lcm": diffs, "raw": raw}
+                   "missing": missing, "rows": rows, **{f"paired_to_{b}": d for b, d in diffs.items()}, "raw": raw}
         self.docs.mkdir(parents=True, exist_ok=True)
         (self.docs / f"{self.results_name()}.json").write_text(json.dumps(numbers, indent=1) + "\n")
         text = markdown(rows, diffs, raw)

@@ -24,14 +24,16 @@ def test_paired_difference_and_its_standard_error_by_hand():
     assert one["se"] is None and not report.is_real(one) and report.paired({"1": 2.0}, {"0": 1.0}) is None
 
 
-def test_summary_rows_are_mean_and_sample_std_and_diffs_pair_with_lcm():
+def test_summary_rows_are_mean_and_sample_std_and_diffs_pair_with_lcm_and_scott():
     raw = {"lcm": {"1": {"fd": {"0": 1.0, "1": 2.0, "2": 3.0}}}, "scott": {"1": {"fd": {"0": 0.0, "1": 2.0}}},
-           "teacher": {"25": {"fd": {"0": 5.0}}}}
+           "teacher": {"25": {"fd": {"0": 5.0}}}, "ode_adv": {"1": {"fd": {"0": 4.0, "1": 1.0, "2": 2.0}}}}
     rows, diffs = report.summarize(raw)
     assert rows["lcm"]["1"]["fd"] == pytest.approx([2.0, 1.0]) and rows["teacher"]["25"]["fd"] == [5.0, 0.0]
-    assert list(diffs) == ["scott"] and diffs["scott"]["1"]["fd"]["diffs"] == [-1.0, 0.0]
+    assert list(diffs["lcm"]) == ["scott", "ode_adv"] and diffs["lcm"]["scott"]["1"]["fd"]["diffs"] == [-1.0, 0.0]
+    assert list(diffs["scott"]) == ["ode_adv"] and diffs["scott"]["ode_adv"]["1"]["fd"]["diffs"] == [4.0, -1.0]
     table = report.markdown(rows, diffs, raw)
     assert "| scott 1 step | 2 | 1.000 +- 1.414 |" in table and "| scott 1 step | -0.500 +- 0.500 (2) |" in table
+    assert "Paired difference to scott" in table and "| ode_adv 1 step | +1.500 +- 2.500 (2) |" in table
 
 
 def test_arm_and_world_selection():
@@ -117,7 +119,7 @@ def test_a_rerun_trains_and_scores_nothing_and_writes_the_same_json(tmp_path, fa
     assert set(raw) == {"0", "1"} and written["rows"]["scott"]["1"]["fd"][0] == pytest.approx(sum(raw.values()) / 2)
     diff = written["paired_to_lcm"]["scott"]["1"]["fd"]
     assert diff["diffs"] == [raw[s] - written["raw"]["lcm"]["1"]["fd"][s] for s in ("0", "1")]
-    assert set(written["paired_to_lcm"]) == {"scott", "ode_h3"}
+    assert set(written["paired_to_lcm"]) == {"scott", "ode_h3"} and set(written["paired_to_scott"]) == {"ode_h3"}
 
 
 def test_another_teacher_gets_its_own_loras_scores_and_results(tmp_path, fake_grid, monkeypatch):
