@@ -245,7 +245,10 @@ class OptimOptions:
     """Optimisation: learning rates, batch, steps, precision, seed."""
 
     lr: float = _opt(1e-4, "student LoRA learning rate (AdamW)", range=POSITIVE)
-    disc_lr: float = _opt(2e-5, "discriminator (LoRA + head) learning rate", range=POSITIVE)
+    disc_lr: float = _opt(
+        2e-5, "discriminator (LoRA + head) learning rate; 0 freezes it at its initial weights (a control: the "
+        "adversarial term without adversarial learning)", range=AT_LEAST_0
+    )
     disc_head_warmup: int = _opt(
         0,
         "for the first N optimiser steps only the discriminator trains against the student's estimates; the "

@@ -41,6 +41,7 @@ ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, sp
     "grid20": ["--mode", "scott", "--grid-spacing", "20"],
     "adv_lr": ["--mode", "scott", "--disc-lr", "1e-4"],
     "ode_adv": ["--mode", "scott", "--solver", "ode"],
+    "adv_frozen": ["--mode", "scott", "--disc-lr", "0"],
     "below500": ["--mode", "scott", "--solver", "er_sde_5_below", "--noise-below", "500", *NO_ADV],
 }
 REFERENCES = {"real": (0,), "teacher": (25,), "nolora": (1, 2, 4)}  # rows that train nothing: their step counts

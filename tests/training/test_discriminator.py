@@ -214,3 +214,18 @@ def test_head_warmup_trains_only_the_disc_and_the_log_shows_its_diagnostics(
     for key in warm_student:  # during warm-up the student learns from the consistency loss alone
         torch.testing.assert_close(warm_student[key], cd_student[key], rtol=1e-5, atol=1e-7)
     assert any(v.abs().max() > 0 for k, v in warm_disc.items() if ".lora_B." in k)  # while the disc trains
+
+
+def test_disc_lr_zero_freezes_the_discriminator_but_not_the_student(tiny_teacher, tiny_data, tmp_path, tiny_config):
+    """--disc-lr 0 (the world report's adv_frozen control): the disc LoRA and head keep their initial weights while
+    the student still learns from the consistency and the (frozen) adversarial terms."""
+    train(tiny_config(tiny_teacher, tiny_data, tmp_path / "frozen", max_steps=2, checkpoint_every=1, disc_lr=0.0))
+    first, second = checkpoint_tensors(tmp_path / "frozen", 1), checkpoint_tensors(tmp_path / "frozen", 2)
+    disc = [k for k in second if ".disc." in k or k.startswith("head.")]
+    assert any(k.startswith("head.") for k in disc) and any(".lora_B." in k for k in disc)
+    for key in disc:
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0)
+        if ".lora_B." in key:
+            assert not second[key].any(), key  # zero-initialised, never updated
+    student = [k for k in second if ".student." in k and ".lora_B." in k]
+    assert any(not torch.equal(second[k], first[k]) for k in student)

@@ -48,7 +48,7 @@ def test_arm_and_world_selection():
         "lcm": {"mode", "name", "solver", "sub_steps", "span", "grid_spacing", "adv_weight"}, "scott": set(),
         "scott_no_adv": {"adv_weight"}, "ode_h3": {"solver", "adv_weight"},
         "ns01": {"solver", "noise_strength", "adv_weight"}, "ns03": {"solver", "noise_strength", "adv_weight"},
-        "grid20": {"grid_spacing"}, "adv_lr": {"disc_lr"}, "ode_adv": {"solver"},
+        "grid20": {"grid_spacing"}, "adv_lr": {"disc_lr"}, "ode_adv": {"solver"}, "adv_frozen": {"disc_lr"},
         "below500": {"solver", "noise_below", "adv_weight"}}
     with pytest.raises(ValueError, match="unknown arm.*bogus: choose from lcm, scott"):
         report.run_grid("o", "d", ["lcm", "bogus"])
