@@ -341,7 +341,15 @@ def describe(args, size, models, phases, scale, mb):
     command = f"python -m experiments.world.teacher --out {args.out} --minutes {args.minutes:g} --lr {args.lr:g}"
     command += f" --seed {args.seed} --world {args.world}" + (f" --init {args.init}" if args.init else "")
     command += " --quick" if args.quick else ""
+    vae_text = (
+        f"(1 / std of sampled latents over the pool); {len(vae_losses)} steps at batch {size['vae_batch']} in\n"
+        f"  {vae_s / 60:.1f} min, L1 + MSE + {KL_WEIGHT:g} KL per latent element; final loss {tail(vae_losses)}."
+    )
+    prompts_text = "validation captions for `--teacher demo` grids"
+    if args.world != "shapes":
+        prompts_text = f"validation captions: the first {len(PROMPTS)} of the pool's {args.world} captions"
     if args.init:
+        vae_text = f"(and the VAE itself) kept from `{args.init}`, not trained here."
         title = f"{args.world.capitalize()}-world teacher"
         origin = f"fine-tuned from the teacher in `{args.init}` (its VAE kept) on the {args.world} world's captions"
     else:
@@ -358,15 +366,14 @@ Made by `{command}` (`torch.set_num_threads({torch.get_num_threads()})`).
 
 - Parameters: {counts}; {mb:.1f} MB on disk.
 - VAE: block_out_channels {size["vae_channels"]}, 16x16x4 latents at 64 px, scaling_factor {scale:.4f}
-  (1 / std of sampled latents over the pool); {len(vae_losses)} steps at batch {size["vae_batch"]} in
-  {vae_s / 60:.1f} min, L1 + MSE + {KL_WEIGHT:g} KL per latent element; final loss {tail(vae_losses)}.
+  {vae_text}
 - UNet: block_out_channels {size["unet_channels"]}, cross-attention at 8x8 and 4x4, {size["heads"]} heads;
   CLIP text model {size["text_layers"]} layers x {size["text_dim"]}. Trained together on the pre-encoded pool
   ({size["pool"]} images, seed {args.seed}) for {len(unet_losses)} steps at batch {size["unet_batch"]} in
   {unet_s / 60:.1f} min: epsilon loss with min-SNR-{MIN_SNR_GAMMA:g} weights, {CAPTION_DROPOUT:.0%} empty
   captions, AdamW lr {args.lr:g} (warmup, cosine over the time budget), EMA {EMA_DECAY} of the weights saved;
   final loss (mean of the last 200 steps) {tail(unet_losses)}.
-- `prompts.txt`: validation captions for `--teacher demo` grids.
+- `prompts.txt`: {prompts_text}.
 """
 
 
