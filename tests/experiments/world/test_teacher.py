@@ -108,3 +108,18 @@ def test_shipped_demo_teacher_fits_and_loads():
     assert latent_size(teacher) == 16 == teacher.unet.config.sample_size
     prompts = (DEMO_TEACHER / "prompts.txt").read_text(encoding="utf-8").splitlines()
     assert all(scenes.parse_caption(p) for p in prompts)
+
+
+def test_shipped_diverse_teacher_shares_the_demo_vae_and_speaks_diverse_captions():
+    folder = world_teacher.Path(world_teacher.__file__).parent / "assets" / "diverse_teacher"
+    if not (folder / "model_index.json").is_file() or not (DEMO_TEACHER / "model_index.json").is_file():
+        pytest.skip("the diverse or the demo teacher is not shipped here")
+    assert world_teacher.folder_mb(folder) <= 20.0
+    diverse, demo = load_teacher(folder), load_teacher(DEMO_TEACHER)
+    for name, value in demo.vae.state_dict().items():  # --init keeps the VAE, so latents mean the same
+        assert torch.equal(diverse.vae.state_dict()[name], value), name
+    prompts = (folder / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    assert len(prompts) == 8 and all(scenes.parse_partial(p) for p in prompts)
+    with pytest.raises(ValueError, match="not a shapes-world caption"):  # some name only part of the scene
+        for p in prompts:
+            scenes.parse_caption(p)
