@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from scott_core.schedule import alphas_cumprod
-from training.config import demo_teacher
+from training.config import DEMO_DEFAULTS, demo_teacher
 from training.models import load_teacher, tokenize
 from training.synth import save_pair, teacher_pipeline
 from training.validation import consistency_sample, decode
@@ -52,6 +52,7 @@ TEACHER_STEPS, TEACHER_CFG = 25, 7.5
 METRICS = ("fd", "prompt_acc", "exact_match", "precision", "recall", "density", "coverage")
 STRIP = 8  # images per PNG strip: the first 8 evaluation captions, generation seed 0
 DATA_PREFIX = {"shapes": "world", "diverse": "diverse"}
+DEMO_SIZES = ("resolution", "batch_size", "lr", "lora_rank", "disc_lora_rank", "num_workers")
 
 
 def budget_name(world, max_steps, train_images, teacher="demo"):
@@ -72,8 +73,11 @@ def score_path(out, world, arm, seed, steps, max_steps, train_images, n_eval, te
 
 
 def distill_argv(world, arm, seed, folder, max_steps, train_images, teacher="demo"):
-    """The training.distill command line of one (arm, seed) LoRA."""
+    """The training.distill command line of one (arm, seed) LoRA; another teacher than the demo one gets the demo's
+    sizes (resolution, batch, lr, ranks: DEMO_DEFAULTS), so every world's LoRAs train alike."""
     argv = ["--teacher", str(teacher), "--output", str(folder), "--name", arm, "--seed", str(seed)]
+    if teacher != "demo":
+        argv += [f"--{key.replace('_', '-')}={DEMO_DEFAULTS[key]}" for key in DEMO_SIZES]
     argv += ["--data", f"{DATA_PREFIX[world]}:{train_images}"]
     return argv + ["--max-steps", str(max_steps), "--validate-every", "0", "--checkpoint-every", "0", *ARMS[arm]]
 

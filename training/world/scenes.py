@@ -13,6 +13,7 @@ caption back, with None for every attribute a caption leaves out.
 
 import json
 import multiprocessing
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,8 +247,9 @@ def write_folder(folder, count, seed=0, world="shapes"):
         scene, image = sample(index, seed)
         save_pair(folder, f"{index:06d}", caption_of(scene, index, seed, world), image)
     rows = [{"file_name": f"{i:06d}.png", "text": sample_caption(folder, i)} for i in range(count)]
-    (folder / "metadata.jsonl.tmp").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    (folder / "metadata.jsonl.tmp").replace(folder / "metadata.jsonl")
+    tmp = folder / f"metadata.jsonl.{os.getpid()}.tmp"  # its own name: two processes may write one folder at once
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(folder / "metadata.jsonl")
     return folder
 
 

@@ -124,7 +124,11 @@ def test_a_rerun_trains_and_scores_nothing_and_writes_the_same_json(tmp_path, fa
 
 def test_another_teacher_gets_its_own_loras_scores_and_results(tmp_path, fake_grid, monkeypatch):
     teacher = str(tmp_path / "teachers" / "diverse_teacher")
-    assert report.distill_argv("diverse", "lcm", 0, "f", 5, 9, teacher)[:2] == ["--teacher", teacher]
+    argv = report.distill_argv("diverse", "scott", 0, "f", 5, 9, teacher)
+    assert argv[:2] == ["--teacher", teacher]
+    demo = vars(parse_config(report.distill_argv("diverse", "scott", 0, "f", 5, 9)))
+    other = vars(parse_config(argv))  # the same sizes as --teacher demo's defaults: every world's LoRAs train alike
+    assert {k for k in demo if demo[k] != other[k]} == {"teacher", "validation_prompts"}
     argvs = []
     monkeypatch.setattr(report, "distill_argv", lambda *args: argvs.append(args) or [])
     out = report.run_grid(tmp_path / "out", tmp_path / "docs", ["lcm", "teacher"], "diverse", [0], max_steps=5,
