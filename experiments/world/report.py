@@ -1,16 +1,17 @@
-"""The shapes-world report: an ablation grid of LoRAs distilled from the demo teacher, scored at 1/2/4 steps, each
-arm paired by seed with LCM mode.
+"""The world report: an ablation grid of LoRAs distilled from a world's teacher (the demo one unless --teacher),
+scored at 1/2/4 steps, each arm paired by seed with LCM mode and with SCott's defaults.
 
     python -m experiments.world.report --arms lcm scott ode_h3 --world shapes --seeds 0 1 2 3 4 --max-steps 300 \\
         --n-eval 1000 --out runs/world_grid --docs docs
 
-For every (arm, seed) one LoRA is distilled with `python -m training.distill --teacher demo` (the same budget, data
+For every (arm, seed) one LoRA is distilled with `python -m training.distill --teacher ...` (the same budget, data
 and seed for every arm: the same data order, captions and noise), then the same evaluation captions are sampled from
 the same initial noise and scored with experiments.world.evaluate against real world images. The grid is resumable:
 finished LoRAs and every scored set's metrics (a JSON under --out) are kept, so a rerun trains and scores only what
-is missing. Writes <docs>/world_results.json (world_diverse_results.json for --world diverse): for every arm, step
-count and metric [mean, std] over seeds, the raw per-seed values and the paired difference to LCM with its standard
-error; the same as a markdown table; and a PNG strip per row for generation seed 0.
+is missing. Writes <docs>/world_results.json (world_<world>_<teacher folder>_results.json for another world or
+teacher, e.g. world_diverse_diverse_teacher_results.json): for every arm, step count and metric [mean, std] over
+seeds, the raw per-seed values and the paired differences to LCM and to SCott with their standard errors; the same
+as a markdown table; and a PNG strip per row for generation seed 0.
 """
 
 import argparse
@@ -55,9 +56,14 @@ DATA_PREFIX = {"shapes": "world", "diverse": "diverse"}
 DEMO_SIZES = ("resolution", "batch_size", "lr", "lora_rank", "disc_lora_rank", "num_workers")
 
 
+def teacher_tag(teacher):
+    """'' for the demo teacher, else the teacher folder's name: what tells its LoRAs, scores and results apart."""
+    return "" if teacher == "demo" else Path(teacher).name
+
+
 def budget_name(world, max_steps, train_images, teacher="demo"):
-    """'shapes_300_4000'; a teacher other than the demo one adds its folder's name."""
-    return f"{world}_{max_steps}_{train_images}" + ("" if teacher == "demo" else f"_{Path(teacher).name}")
+    """'shapes_300_4000'; a teacher other than the demo one adds its tag."""
+    return "_".join(part for part in (f"{world}_{max_steps}_{train_images}", teacher_tag(teacher)) if part)
 
 
 def lora_path(out, world, arm, seed, max_steps, train_images, teacher="demo"):
@@ -242,8 +248,8 @@ class Grid:
     @property
     def tag(self):
         """'' for the shapes world and the demo teacher, else the world and/or the teacher's folder name."""
-        parts = [self.world] * (self.world != "shapes") + [Path(self.teacher).name] * (self.teacher != "demo")
-        return "_".join(parts)
+        world = "" if self.world == "shapes" else self.world
+        return "_".join(part for part in (world, teacher_tag(self.teacher)) if part)
 
     @property
     def real(self):

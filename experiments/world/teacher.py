@@ -10,8 +10,8 @@ in everything but size. Ctrl-C (or SIGTERM) ends the current phase early and sti
 `--world diverse` trains on the diverse world's captions (the same images, captions naming only some attributes);
 `--init FOLDER` starts from a saved teacher: its VAE (and latent scale) is kept, phase 1 is skipped, and its UNet and
 text encoder train further on this world's captions (how the diverse teacher is made from the demo one:
-`python -m experiments.world.teacher --init training/assets/demo --world diverse --minutes 20 --lr 3e-4 --out
-experiments/world/assets/diverse_teacher`).
+`python -m experiments.world.teacher --init training/assets/demo --world diverse --minutes 30 --lr 3e-4 --threads 1
+--out experiments/world/assets/diverse_teacher`).
 """
 
 import argparse
