@@ -37,13 +37,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.memory import estimate, measure, sd15_components, tiny_components  # noqa: E402
 from scott_core.schedule import alphas_cumprod, training_grid  # noqa: E402
 from training.config import DistillConfig  # noqa: E402
-from training.models import (  # noqa: E402
-    DiscriminatorHead,
-    add_adapters,
-    enable_checkpointing,
-    guided_eps_fn,
-    up_block_channels,  # noqa: E402
-)
+from training.models.adapters import add_adapters, enable_checkpointing  # noqa: E402
+from training.models.discriminator import DiscriminatorHead, up_block_channels  # noqa: E402
+from training.models.unet import guided_eps_fn  # noqa: E402
 from training.step import SCottStep, draw, scott_backward  # noqa: E402
 
 

@@ -24,15 +24,12 @@ from torch.utils.flop_counter import flop_registry
 
 from scott_core.schedule import alphas_cumprod, training_grid
 from training.config import DistillConfig
-from training.loop import batch_latents, weight_dtype
-from training.models import (
-    ASSETS,
-    DiscriminatorHead,
-    add_adapters,
-    enable_checkpointing,
-    feature_channels,
-    unet_eps_fn,
-)
+from training.encode import batch_latents
+from training.loop import weight_dtype
+from training.models.adapters import add_adapters, enable_checkpointing
+from training.models.discriminator import DiscriminatorHead, feature_channels
+from training.models.teacher import ASSETS
+from training.models.unet import unet_eps_fn
 from training.step import SCottStep, draw, scott_backward
 
 GIB = 2**30

@@ -8,7 +8,13 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import UserError
+try:
+    import tomllib
+except ImportError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .data.buckets import bucketable
+from .errors import UserError
 
 NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "trainable.safetensors"
@@ -96,3 +102,21 @@ def load(accelerator, path):
     """accelerator.load_state(path); returns the step it was saved at."""
     accelerator.load_state(str(path))
     return json.loads((Path(path) / STATE).read_text())["step"]
+
+
+def check_resume_buckets(cfg):
+    """A resume must keep the bucket setting of the run it resumes (its <output>/config.toml says which), or the
+    data order would change under it: else one line saying which flag to give."""
+    if cfg.resume is None or not bucketable(cfg.source):
+        return
+    found = resolve(cfg.resume, Path(cfg.output) / "checkpoints")
+    saved = Path(found).resolve().parent.parent / "config.toml" if found else None
+    if saved is None or not saved.is_file():
+        return
+    before = tomllib.loads(saved.read_text(encoding="utf-8")).get("buckets", False)  # older runs: square crops
+    if before != cfg.buckets:
+        flag = "--buckets" if before else "--no-buckets"
+        raise UserError(
+            f"--resume {found}: that run trained with {flag} and this one with "
+            f"{'--buckets' if cfg.buckets else '--no-buckets'}; give {flag} to resume it, or start a new --output"
+        )

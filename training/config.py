@@ -1,23 +1,17 @@
 """The trainer's one typed config (defaults from METHOD.md) in field groups by concern, the flat CLI generated from it,
 the TOML run file, range checks and resolution."""
 
-import argparse
 import dataclasses
-import difflib
-import json
 import math
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
+from .data.buckets import STEP, bucketable
+from .data.sources import WORLD_PREFIX, DataSource, parse_source
 from .errors import UserError
-from .sources import METAVAR as DATA_METAVAR
-from .sources import WORLD_PREFIX, DataSource, parse_source
 
 MODES = ("scott", "lcm")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -44,7 +38,8 @@ MODE_DEFAULTS = {
 
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
-# `--teacher demo`: the shipped shapes-world teacher (training/world), with defaults sized for minutes on a CPU.
+# `--teacher demo`: the shipped shapes-world teacher (training/data/scenes.py), with defaults sized for minutes on a
+# CPU.
 # Flags given on the command line (or in a --config file) still win.
 DEMO_DEFAULTS = {
     "data": WORLD_PREFIX + "4000",
@@ -290,6 +285,12 @@ class OutputOptions:
         500, "write a resumable checkpoint every N optimiser steps (0: only at the end)", range=AT_LEAST_0
     )
     keep_checkpoints: int = _opt(3, "how many of the latest checkpoints to keep", range=AT_LEAST_1)
+    save_every: int = _opt(
+        0,
+        "also export the LoRA every N optimiser steps as <output>/<name>_step<N>.safetensors (kohya's "
+        "--save_every_n_steps; 0: only the final LoRA)",
+        range=AT_LEAST_0,
+    )
     resume: str = _opt(
         None, "resume from a checkpoint folder, or 'latest' for the newest in <output>/checkpoints"
     )
@@ -350,7 +351,7 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
     def check(self):
         """Raise a UserError naming the first option out of its range (see each field's `range`)."""
         for f in dataclasses.fields(self):
-            value, flag = getattr(self, f.name), _flag(f.name)
+            value, flag = getattr(self, f.name), flag_name(f.name)
             if "range" in f.metadata and value is not None and not f.metadata["range"].contains(value):
                 finite = "" if math.isfinite(value) else "a finite number "
                 raise UserError(f"{flag} must be {finite}{f.metadata['range'].describe()}, got {value}")
@@ -365,8 +366,6 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
 
     def check_bucket_resolution(self):
         """Bucket sides are multiples of 64, so with buckets on the user's images the resolution must be one too."""
-        from .buckets import STEP, bucketable
-
         if self.buckets and self.resolution % STEP and bucketable(self.source):
             near = max(STEP, round(self.resolution / STEP) * STEP)
             raise UserError(
@@ -378,11 +377,11 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         """A knob `solver` does not take is a UserError naming the solver and the knob it does take."""
         if solver not in SOLVERS:
             raise UserError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-        takes = [_flag(k) for k in SOLVERS[solver].knobs]
+        takes = [flag_name(k) for k in SOLVERS[solver].knobs]
         by_mode = solver == MODE_DEFAULTS.get(self.mode, {}).get("solver")
         named = f"--solver {solver}" + (f" (the default of --mode {self.mode})" if by_mode else "")
         for knob in KNOBS:
-            value, flag = getattr(self, knob), _flag(knob)
+            value, flag = getattr(self, knob), flag_name(knob)
             if value is None:
                 continue
             if knob not in SOLVERS[solver].knobs:
@@ -402,9 +401,6 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
             )
         return counts
 
-    def save(self, path):
-        """Write the config as a TOML run file (`--config` reads it back to the same run)."""
-        Path(path).write_text(to_toml(self), encoding="utf-8")
 
 
 def uses_cuda():
@@ -439,156 +435,7 @@ def demo_teacher():
     return DEMO_TEACHER
 
 
-def _flag(name):
+def flag_name(name):
     return "--" + name.replace("_", "-")
 
 
-def _base_type(annotation):
-    """str / int / float / bool from a (possibly Optional) annotation."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
-def field_types():
-    """{field name: str / int / float / bool} of DistillConfig."""
-    hints = typing.get_type_hints(DistillConfig)
-    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(DistillConfig)}
-
-
-def _metavar(name, kind):
-    if name == "data":
-        return DATA_METAVAR
-    if name in ("teacher", "output", "validation_prompts"):
-        return "PATH"
-    return "PATH|latest" if name == "resume" else kind.__name__.upper()
-
-
-def _default_text(f):
-    if f.metadata.get("required"):
-        return " (required)"
-    if f.name == "gradient_checkpointing":
-        return " (default: auto)"
-    if f.default is None and f.name == "data":
-        return " (default: the built-in prompt list, data-free)"
-    if f.name in KNOBS:
-        owners = knob_owners(f.name)
-        return f" (default: {SOLVERS[owners[0]].knobs[f.name]:g} with --solver {' / '.join(owners)}; unset otherwise)"
-    if f.name in MODE_DEFAULTS["scott"]:
-        return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
-    return f" (default: {f.default})"
-
-
-def build_parser():
-    """argparse generated from DistillConfig: one --flag per field (in one group per concern), plus --config."""
-    parser = argparse.ArgumentParser(
-        prog="python -m training.distill",
-        description="Distill a SCott (or LCM) LoRA from an SD1.5-family checkpoint. Flags left out take the "
-        "defaults shown.",
-    )
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="a TOML run file whose keys are these flags' names (dashes or underscores); flags on the command "
-        "line override it. Every run writes its resolved configuration to <output>/config.toml",
-    )
-    kinds = field_types()
-    for group_class in GROUPS:
-        group = parser.add_argument_group(group_class.__name__.removesuffix("Options").lower(), group_class.__doc__)
-        for f in dataclasses.fields(group_class):
-            kind = kinds[f.name]
-            help_text = f.metadata["help"] + _default_text(f)
-            if kind is bool:
-                group.add_argument(
-                    _flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-                )
-                continue
-            group.add_argument(
-                _flag(f.name),
-                type=kind,
-                default=f.default,
-                help=help_text,
-                choices=f.metadata.get("choices"),
-                metavar=None if f.metadata.get("choices") else _metavar(f.name, kind),
-            )
-    return parser
-
-
-def read_run_file(path):
-    """A TOML run file -> {field name: value}, each key known and each value of its field's type, else UserError."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"run file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise UserError(f"run file {path} is not valid TOML: {error}") from None
-    kinds, values = field_types(), {}
-    for key, value in table.items():
-        name = key.replace("-", "_")
-        if name not in kinds:
-            closest = difflib.get_close_matches(name, list(kinds), n=1, cutoff=0.0)
-            raise UserError(f"run file {path}: unknown key {key!r}; the closest valid key is {closest[0]!r}")
-        if name in values:
-            raise UserError(f"run file {path}: key {key!r} is given twice (dashes and underscores are the same key)")
-        values[name] = _typed_value(path, key, value, kinds[name])
-    return values
-
-
-def _typed_value(path, key, value, kind):
-    """The run file's value for a field of type kind (an int is a valid float), else a UserError."""
-    choices = next(f for f in dataclasses.fields(DistillConfig) if f.name == key.replace("-", "_")).metadata.get(
-        "choices"
-    )
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-        raise UserError(f"run file {path}: {key} must be {names[kind]}, got {value!r}")
-    if choices and value not in choices:
-        raise UserError(f"run file {path}: {key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def to_toml(cfg):
-    """The config as a TOML run file, one commented section per group; unset (None) options are left out."""
-    lines = ["# SCott distillation run: python -m training.distill --config config.toml", ""]
-    for group_class in GROUPS:
-        lines.append(f"# {group_class.__name__.removesuffix('Options').lower()}: {group_class.__doc__}")
-        for f in dataclasses.fields(group_class):
-            value = getattr(cfg, f.name)
-            if value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value):
-    """A TOML literal: true/false, an integer, a float (repr round-trips), or a basic string (JSON escapes)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def parse_config(argv=None):
-    """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run_file = read_run_file(args.config) if args.config else {}
-    parser.set_defaults(**run_file)
-    args = parser.parse_args(argv)
-    if args.teacher == "demo":
-        parser.set_defaults(**{**DEMO_DEFAULTS, **run_file})
-        args = parser.parse_args(argv)
-    if args.teacher is None:
-        parser.error("the following arguments are required: --teacher")
-    values = vars(args)
-    del values["config"]
-    return DistillConfig(**values).resolved()

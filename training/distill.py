@@ -3,7 +3,8 @@
 import logging
 import sys
 
-from .config import UserError, parse_config
+from .cli import parse_config
+from .errors import UserError
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError
 
 DEFAULT_INCEPTION = "weights/pt_inception-2015-12-05-6726825d.pth"
 DEFAULT_CLIP = "weights/clip-vit-large-patch14"
@@ -15,7 +15,7 @@ DEFAULT_CLIP = "weights/clip-vit-large-patch14"
 
 def build_parser():
     """The evaluator's flags."""
-    from .coco import PROTOCOLS
+    from .eval.coco import PROTOCOLS
 
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     add = p.add_argument
@@ -58,10 +58,10 @@ def build_parser():
 
 def resolve(args):
     """argparse namespace -> EvalOptions (protocol defaults, prompts and real images read), or a UserError."""
-    from .coco import COCO_N, COCO_RESOLUTION, coco_pairs
     from .config import DEMO_DEFAULTS, demo_teacher
-    from .evaluation import EvalOptions, image_files
-    from .synth_prompts import read_prompt_file
+    from .data.synth_prompts import read_prompt_file
+    from .eval.coco import COCO_N, COCO_RESOLUTION, coco_pairs
+    from .eval.evaluation import EvalOptions, image_files
 
     DEMO_RESOLUTION = DEMO_DEFAULTS["resolution"]
 
@@ -101,7 +101,7 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
-        from .evaluation import evaluate
+        from .eval.evaluation import evaluate
 
         result = evaluate(resolve(args))
     except UserError as error:

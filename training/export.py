@@ -7,7 +7,7 @@ from pathlib import Path
 from scott_core import lora_format
 from scott_core.solvers import SOLVERS
 
-from .models import STUDENT
+from .models.adapters import STUDENT
 
 
 def peft_state_dict(unet, adapter=STUDENT):

@@ -14,28 +14,20 @@ from tqdm.auto import tqdm
 from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
-from .buckets import bucket_report, check_resume_buckets, uses_buckets
-from .cache import CachedPairs, Encoders, fill, text_key
 from .config import DistillConfig, UserError
-from .data import PairDataset, make_loader
+from .data.buckets import bucket_report, uses_buckets
+from .data.cache import CachedPairs, Encoders, fill, text_key
+from .data.images import PairDataset, make_loader
+from .data.prepare import synthetic_dataset, world_folder
+from .data.sources import World
+from .encode import batch_latents, encode_moments, encode_text
 from .export import export_lora
 from .memory import OutOfMemory, out_of_memory_message
-from .models import (
-    DISC,
-    STUDENT,
-    DiscriminatorHead,
-    Teacher,
-    add_adapters,
-    check_teacher_path,
-    ema_update,
-    enable_checkpointing,
-    feature_channels,
-    load_teacher,
-    tokenize,
-)
-from .sources import ImageFolder, World
+from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_checkpointing
+from .models.discriminator import DiscriminatorHead, feature_channels
+from .models.teacher import Teacher, check_teacher_path, load_teacher
+from .runfile import write_run_file
 from .step import SCottStep, draw, scott_backward
-from .synth import synthesize_run
 from .validation import HeldOut, KeepBest, heldout_loss, read_prompts, validation_grid
 
 if TYPE_CHECKING:
@@ -98,7 +90,7 @@ def build(cfg):
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
     source = cfg.source
     source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
-    check_resume_buckets(cfg)
+    checkpoint.check_resume_buckets(cfg)
     prompts = source.prompts() if source.data_free else None
     if isinstance(source, World):
         source = world_folder(source, cfg.output, accelerator)
@@ -166,72 +158,6 @@ def cache_latents(run):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return CachedPairs(run.dataset, root, latent_keys, text_keys, text_key(teacher.sha256, ""))
-
-
-def world_folder(world, output, accelerator):
-    """'world:N' / 'diverse:N': the first N shapes-world images (seed 0) rendered once into <output>/world (or
-    <output>/diverse), as an ImageFolder."""
-    from .world.scenes import write_folder
-
-    folder = Path(output) / world.folder
-    if accelerator.is_main_process:
-        write_folder(folder, world.count, world=world.world)
-    accelerator.wait_for_everyone()
-    return ImageFolder(folder)
-
-
-def synthetic_dataset(cfg, accelerator, teacher, prompts):
-    """Data-free: every process draws its shard of the teacher images, then all read the whole folder."""
-    folder, made = synthesize_run(
-        cfg, teacher, prompts, accelerator.device,
-        accelerator.process_index, accelerator.num_processes,
-    )
-    accelerator.wait_for_everyone()
-    log.info(
-        "data-free: rank %d drew %d new teacher images into %s (%d in the run)",
-        accelerator.process_index, made, folder, cfg.synth_images,
-    )
-    return PairDataset(ImageFolder(Path(folder)), cfg.resolution)
-
-
-@torch.no_grad()
-def encode_text(run, captions, to_float=True):
-    """CLIP last hidden states [B, 77, D] of the captions (padded to the tokenizer's 77), on the run's device,
-    float32 (to_float=False: the encoder's own dtype, as the cache stores them); the encoder runs where it is."""
-    encoder = run.teacher.text_encoder
-    hidden = encoder(tokenize(run.teacher.tokenizer, captions).to(encoder.device))[0]
-    return (hidden.float() if to_float else hidden).to(run.accelerator.device)
-
-
-@torch.no_grad()
-def encode_moments(run, pixels):
-    """The VAE posterior's mean and std [B, 4, h, w] of pixels in [-1, 1], in the VAE's dtype."""
-    vae = run.teacher.vae
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
-
-
-def sample_latents(mean, std, generator, scaling_factor):
-    """z0 = (mean + std * noise) * scaling_factor, the noise drawn from `generator` (as vae's .sample())."""
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-    return (mean.float() + std.float() * noise) * scaling_factor
-
-
-@torch.no_grad()
-def encode_images(run, pixels, generator):
-    """z0 = vae.encode(x).sample() * scaling_factor, the sample drawn from `generator`."""
-    mean, std = encode_moments(run, pixels)
-    return sample_latents(mean, std, generator, run.teacher.vae.config.scaling_factor).to(run.accelerator.device)
-
-
-def batch_latents(run, batch, generator):
-    """(z0, caption hidden states) of a micro-batch: from the cache's mean / std / hidden states when it was
-    served from the cache, else encoded now; the same draws from `generator` either way."""
-    if "mean" not in batch:
-        return encode_images(run, batch["pixels"], generator), encode_text(run, batch["captions"])
-    device, scaling = run.accelerator.device, run.teacher.vae.config.scaling_factor
-    z0 = sample_latents(batch["mean"].to(device), batch["std"].to(device), generator, scaling)
-    return z0, batch["cond"].to(device).float()
 
 
 def train_step(run, batches, step):
@@ -353,6 +279,11 @@ def keep_best(run, step, held, keeper):
     return loss
 
 
+def step_lora_path(cfg, step):
+    """Where --save-every writes the LoRA of optimiser step `step`: <output>/<name>_step<N>.safetensors."""
+    return Path(cfg.output) / f"{cfg.name}_step{step:07d}.safetensors"
+
+
 def train(cfg):
     """Run cfg to max_steps (resuming if asked); returns the exported LoRA's path."""
     output = Path(cfg.output)
@@ -369,7 +300,7 @@ def train(cfg):
     held = heldout_batch(run) if cfg.validate_every and accelerator.is_main_process else None
     keeper = KeepBest.open(output / "best.json", resume)
     if accelerator.is_main_process:
-        cfg.save(output / "config.toml")
+        write_run_file(cfg, output / "config.toml")
         log.info(
             "%d pairs (%d images without a caption skipped); %s",
             len(run.dataset),
@@ -408,6 +339,8 @@ def train(cfg):
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items()))
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_good = [checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)]
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and accelerator.is_main_process:
+                export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, step_lora_path(cfg, step), step=step)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 validate(run, step, prompts)
                 keep_best(run, step, held, keeper)

@@ -1,6 +1,6 @@
 """The GPU memory a run needs, in closed form, and the one-line message when a GPU runs out of it."""
 
-from .config import UserError
+from .errors import UserError
 
 # Fitted to `python benchmarks/bench_train.py --estimate-memory --model sd15 --resolution 512 --batch-size 8
 # --mixed-precision bf16` (fake-tensor estimate, README "Measured figures"): GiB of weights, LoRAs and AdamW state

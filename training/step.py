@@ -14,7 +14,9 @@ from scott_core.sampling import add_noise, consistency_denoiser
 from scott_core.schedule import append_dims, skip_timestep
 from scott_core.solvers import KNOBS, solve
 
-from .models import DISC, STUDENT, TARGET, frozen, guided_eps_fn, unet_eps_fn, unet_features, using
+from .models.adapters import DISC, STUDENT, TARGET, frozen, using
+from .models.discriminator import unet_features
+from .models.unet import guided_eps_fn, unet_eps_fn
 
 
 @dataclass

@@ -15,7 +15,8 @@ from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import lcm_timesteps
 
 from .errors import UserError
-from .models import STUDENT, guided_eps_fn, unet_eps_fn, using
+from .models.adapters import STUDENT, using
+from .models.unet import guided_eps_fn, unet_eps_fn
 from .step import Draws
 
 DEFAULT_PROMPTS = (

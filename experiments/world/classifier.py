@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.world import scenes
+from training.data import scenes
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "assets" / "demo_classifier.safetensors"
 NONE = "none"

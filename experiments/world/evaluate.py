@@ -14,7 +14,7 @@ experiments/world/assets/demo_classifier.safetensors) gives:
 Without --real, 1000 real images are rendered in memory from world seed 7 (the report's evaluation seed).
 
 Real FID / CLIP score: `python -m training.evaluate` (the product's evaluator, local Inception and CLIP weights)
-computes them for any LoRA, with the same Frechet / PRDC code (training.metrics). 64 px shapes are far from
+computes them for any LoRA, with the same Frechet / PRDC code (training.eval.metrics). 64 px shapes are far from
 ImageNet, so the world's own classifier is the primary measure here and real FID/CLIP a cross-check only.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from training.world import scenes
+from training.data import scenes
 
 from . import classifier, metrics
 
@@ -44,7 +44,7 @@ def image_files(folder):
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}: pass a folder of images with "
-                         "same-name .txt captions (e.g. one written by training.world.scenes.write_folder)")
+                         "same-name .txt captions (e.g. one written by training.data.scenes.write_folder)")
     return files
 
 

@@ -1,12 +1,12 @@
-"""Set metrics of the shapes world: Frechet distance and PRDC (the product's training.metrics, re-exported) over
+"""Set metrics of the shapes world: Frechet distance and PRDC (the product's training.eval.metrics, re-exported) over
 classifier features, and prompt accuracy, which compares predicted attributes with the ones a caption names (a
 CLIP-score analog).
 """
 
 import torch
 
-from training.metrics import frechet_distance, frechet_gaussians, knn_radii, mean_cov, prdc, sqrtm_psd  # noqa: F401
-from training.world import scenes
+from training.data import scenes
+from training.eval.metrics import frechet_distance, frechet_gaussians, knn_radii, mean_cov, prdc, sqrtm_psd  # noqa: F401
 
 from .classifier import HEADS, allowed_mask
 

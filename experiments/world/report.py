@@ -26,10 +26,10 @@ from PIL import Image
 
 from scott_core.schedule import alphas_cumprod
 from training.config import DEMO_DEFAULTS, demo_teacher
-from training.models import load_teacher, tokenize
-from training.synth import save_pair, teacher_pipeline
+from training.data import scenes
+from training.data.synth import save_pair, teacher_pipeline
+from training.models.teacher import load_teacher, tokenize
 from training.validation import consistency_sample, decode
-from training.world import scenes
 
 NO_ADV = ("--adv-weight", "0")
 ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, span 24, grid 8, adversarial) in one thing
@@ -96,7 +96,7 @@ def distill(lora, argv):
 
 
 def load_pipeline(lora=None, teacher="demo"):
-    """The teacher's (default: the demo one's) DPM-Solver++ 2M pipeline (training.synth.teacher_pipeline; fp32,
+    """The teacher's (default: the demo one's) DPM-Solver++ 2M pipeline (training.data.synth.teacher_pipeline; fp32,
     CPU), with `lora` loaded if given."""
     pipe = teacher_pipeline(load_teacher(demo_teacher() if teacher == "demo" else teacher))
     if lora is not None:

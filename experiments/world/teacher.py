@@ -3,7 +3,7 @@
 `python -m experiments.world.teacher --out training/assets/demo --minutes 45` renders a pool of world images, trains
 a small AutoencoderKL on them (phase 1, ~15% of the budget), encodes the pool once to latents, then trains a small
 UNet2DConditionModel and a CLIP text model from scratch together with SD's epsilon loss on SD's noise schedule
-(phase 2), and saves an fp16 StableDiffusionPipeline folder that `training.models.load_teacher` opens. The CLIP
+(phase 2), and saves an fp16 StableDiffusionPipeline folder that `training.models.teacher.load_teacher` opens. The CLIP
 tokenizer and the noise schedule are SD1.5's own (training/assets/sd15), so the folder is an SD1.5-family teacher
 in everything but size. Ctrl-C (or SIGTERM) ends the current phase early and still saves.
 
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from scott_core.schedule import alphas_cumprod
-from training.models import ASSETS, load_teacher, tokenize
-from training.synth import teacher_pipeline
-from training.world import scenes
+from training.data import scenes
+from training.data.synth import teacher_pipeline
+from training.models.teacher import ASSETS, load_teacher, tokenize
 
 # Sizes of the full teacher and of the seconds-long --quick one (the test's).
 SIZES = {
@@ -359,7 +359,7 @@ def describe(args, size, models, phases, scale, mb):
         )
     return f"""# {title}
 
-A tiny SD1.5-family pipeline (diffusers folder, fp16), {origin} (`training/world/scenes.py`, 64 px).
+A tiny SD1.5-family pipeline (diffusers folder, fp16), {origin} (`training/data/scenes.py`, 64 px).
 SD1.5's CLIP tokenizer and noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction).
 
 Made by `{command}` (`torch.set_num_threads({torch.get_num_threads()})`).

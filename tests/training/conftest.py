@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from training.config import DistillConfig
-from training.models import ASSETS
+from training.models.teacher import ASSETS
 
 TINY_VERSION = "tiny-sd-v1"
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training.buckets import bucket_batch_indices, bucket_sizes, nearest_bucket
-from training.data import DataError, PairDataset
+from training.data.buckets import bucket_batch_indices, bucket_sizes, nearest_bucket
+from training.data.images import PairDataset
 from training.distill import main
+from training.errors import DataError
 from training.loop import train
 
 
@@ -172,8 +173,8 @@ def test_shards_are_bucketed_from_their_headers_too(tmp_path):
 
 @pytest.mark.parametrize("data, bucketed", [("images/", True), ("world:8", False), (None, False)])
 def test_only_the_users_images_are_bucketed(data, bucketed):
-    from training.buckets import uses_buckets
     from training.config import DistillConfig
+    from training.data.buckets import uses_buckets
 
     assert uses_buckets(DistillConfig(teacher="t", data=data, resolution=64).resolved()) is bucketed
     assert not uses_buckets(DistillConfig(teacher="t", data=data, resolution=64, buckets=False).resolved())

@@ -11,10 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from training import cache
-from training.cache import LATENT, TEXT, Encoders, entry_path, fill, shard
-from training.data import PairDataset, collate
-from training.loop import batch_latents, build, train
+from training.data import cache
+from training.data.cache import LATENT, TEXT, Encoders, entry_path, fill, shard
+from training.data.images import PairDataset, collate
+from training.encode import batch_latents
+from training.loop import build, train
 
 
 def test_shards_split_the_keys_with_no_overlap_and_no_gap():

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.config import DistillConfig, build_parser
+from training.cli import build_parser
+from training.config import DistillConfig
 from training.distill import main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,8 @@ import torch
 
 from training.config import DistillConfig
 from training.export import export_lora
-from training.models import ASSETS, STUDENT, adapter_params, add_adapters
+from training.models.adapters import STUDENT, adapter_params, add_adapters
+from training.models.teacher import ASSETS
 
 # ComfyUI's own key map for the loaded checkpoint (model_lora_keys_unet) and its loader (load_lora), as
 # LoraLoader runs them; in a subprocess, so that ComfyUI's globals stay out of the test process.

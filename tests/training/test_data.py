@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import DataError, PairDataset, batch_indices, collate, resize_center_crop
+from training.data.images import PairDataset, batch_indices, collate, resize_center_crop
+from training.errors import DataError
 
 
 def test_folder_with_txt_captions_skips_and_counts_uncaptioned(tmp_path, images):

@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from training import loop, synth
+from training import loop
+from training.data import synth
+from training.data.synth_prompts import builtin_prompts
 from training.distill import main
-from training.synth_prompts import builtin_prompts
 
 from .test_distributed import torchrun
 

@@ -3,8 +3,10 @@
 import pytest
 
 from training import config
-from training.config import DEMO_DEFAULTS, UserError, parse_config
+from training.cli import parse_config
+from training.config import DEMO_DEFAULTS
 from training.distill import main
+from training.errors import UserError
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ import torch
 from benchmarks.memory import count_flops
 from scott_core.schedule import alpha_sigma, append_dims
 from training import checkpoint
-from training.data import make_loader
-from training.loop import build, encode_images, encode_text, step_generator, train, train_step
-from training.models import DISC, STUDENT, adapter_params, unet_features, using
+from training.data.images import make_loader
+from training.encode import encode_images, encode_text
+from training.loop import build, step_generator, train, train_step
+from training.models.adapters import DISC, STUDENT, adapter_params, using
+from training.models.discriminator import unet_features
 from training.step import draw, hinge_d_loss, pseudo_huber, pseudo_huber_grad, scott_backward
 
 

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from scott_core import lora_format
-from training import coco, config, evaluation, scorers
-from training.config import UserError
+from training import config
+from training.errors import UserError
+from training.eval import coco, evaluation, scorers
 from training.evaluate import build_parser, main, resolve
-from training.models import ASSETS, load_teacher
+from training.models.teacher import ASSETS, load_teacher
 
 INCEPTION_VERSION = "fid-inception-random-v1.pth"
 CLIP_VERSION = "tiny-clip-random-v1"
@@ -59,7 +60,7 @@ def clip_folder(cache_dir):
 @pytest.fixture(scope="session")
 def demo_teacher():
     if not (config.DEMO_TEACHER / "model_index.json").is_file():
-        pytest.skip("the demo teacher is not in this checkout (python -m training.world.teacher builds it)")
+        pytest.skip("the demo teacher is not in this checkout (python -m experiments.world.teacher builds it)")
     return config.DEMO_TEACHER
 
 

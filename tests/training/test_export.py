@@ -8,7 +8,7 @@ from scott_core import lora_format
 from training.config import DistillConfig
 from training.export import export_lora, metadata, peft_state_dict
 from training.loop import build, train
-from training.models import STUDENT, STUDENT_TARGETS, adapter_params, using
+from training.models.adapters import STUDENT, STUDENT_TARGETS, adapter_params, using
 
 
 @pytest.fixture
@@ -97,6 +97,20 @@ def test_training_run_exports_beside_its_config(tiny_teacher, tiny_data, tmp_pat
     assert (out / "config.toml").read_text().count('solver = "er_sde_5"') == 1
     state, _ = lora_format.read_safetensors(path)
     assert lora_format.detect_format(state) == "kohya"
+
+
+def test_save_every_exports_the_lora_as_a_shorter_run_would(tiny_teacher, tiny_data, tmp_path, tiny_config):
+    out, short = tmp_path / "out", tmp_path / "short"
+    train(tiny_config(tiny_teacher, tiny_data, out, max_steps=4, save_every=2, name="mine"))
+    train(tiny_config(tiny_teacher, tiny_data, short, max_steps=2, name="mine"))
+    saved = sorted(p.name for p in out.glob("mine_step*.safetensors"))
+    assert saved == ["mine_step0000002.safetensors"]  # step 4 is the final LoRA itself
+    at_2, meta = lora_format.read_safetensors(out / saved[0])
+    final, _ = lora_format.read_safetensors(out / "mine.safetensors")
+    assert meta["scott.step"] == "2"
+    expected, _ = lora_format.read_safetensors(short / "mine.safetensors")
+    assert at_2.keys() == expected.keys() and all(torch.equal(at_2[k], expected[k]) for k in at_2)
+    assert any(not torch.equal(at_2[k], final[k]) for k in at_2 if k.endswith("lora_up.weight"))
 
 
 @pytest.mark.parametrize(

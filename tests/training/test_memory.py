@@ -13,10 +13,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.memory import BLOCK, LiveBytes, estimate, norms_in_fp32, tiny_components, tokenizer
-from training import loop, synth
-from training.config import parse_config
+from training import loop
+from training.cli import parse_config
+from training.data import synth
 from training.distill import main
-from training.models import load_teacher
+from training.models.teacher import load_teacher
+from training.runfile import write_run_file
 
 
 def test_live_bytes_rounds_to_512_and_frees():
@@ -89,7 +91,7 @@ def test_config_resolves_auto_for_this_machine(tiny_teacher, tiny_data, tmp_path
     argv = tiny_args(tiny_teacher, tiny_data, tmp_path)
     cfg = parse_config(argv)
     assert (cfg.mixed_precision, cfg.gradient_checkpointing) == ("no", False)  # this machine: a CPU
-    cfg.save(tmp_path / "config.toml")
+    write_run_file(cfg, tmp_path / "config.toml")
     written = tomllib.loads((tmp_path / "config.toml").read_text())
     assert (written["mixed_precision"], written["gradient_checkpointing"]) == ("no", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

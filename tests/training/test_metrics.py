@@ -1,10 +1,10 @@
-"""training.metrics: the Frechet distance against closed forms and pytorch-fid's scipy formula; PRDC by hand."""
+"""training.eval.metrics: the Frechet distance against closed forms and pytorch-fid's scipy formula; PRDC by hand."""
 
 import numpy as np
 import pytest
 import torch
 
-from training import metrics
+from training.eval import metrics
 
 
 def test_frechet_of_commuting_gaussians_is_the_closed_form():

@@ -7,9 +7,10 @@ import torch
 from benchmarks.memory import count_flops
 from scott_core.schedule import alpha_sigma, append_dims, skip_timestep
 from scott_core.solvers import solve
-from training.data import make_loader
-from training.loop import build, encode_images, encode_text, step_generator, train_step
-from training.models import DISC, STUDENT, TARGET, adapter_params, enable_checkpointing, using
+from training.data.images import make_loader
+from training.encode import encode_images, encode_text
+from training.loop import build, step_generator, train_step
+from training.models.adapters import DISC, STUDENT, TARGET, adapter_params, enable_checkpointing, using
 from training.step import draw, hinge_d_loss, pseudo_huber, scott_backward
 
 

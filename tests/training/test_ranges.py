@@ -6,8 +6,11 @@ import math
 
 import pytest
 
-from training.config import DistillConfig, Range, UserError, field_types, parse_config
+from training.cli import parse_config
+from training.config import DistillConfig, Range
 from training.distill import main
+from training.errors import UserError
+from training.runfile import field_types
 
 KINDS = field_types()
 NUMERIC = [f for f in dataclasses.fields(DistillConfig) if KINDS[f.name] in (int, float)]

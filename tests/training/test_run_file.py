@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 
 from training import config, loop
-from training.config import DistillConfig, UserError, parse_config
+from training.cli import parse_config
+from training.config import DistillConfig
 from training.distill import main
+from training.errors import UserError
 from training.loop import train
+from training.runfile import write_run_file
 
 
 def write(path, text):
@@ -81,7 +84,7 @@ def test_missing_run_file_and_missing_teacher(tmp_path, capsys):
 )
 def test_the_written_config_reads_back_to_the_same_config(tmp_path, argv):
     cfg = parse_config(argv)
-    cfg.save(tmp_path / "config.toml")
+    write_run_file(cfg, tmp_path / "config.toml")
     again = parse_config(["--config", str(tmp_path / "config.toml")])
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg) and again == cfg
     assert [type(getattr(again, f.name)) for f in dataclasses.fields(cfg)] == [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.world import scenes
+from training.data import scenes
 
 SHAPES_40_DIGEST = "07a8417b51922a1b2ba7ace2bc5a695e710ed293d59ae91462d9854890cd1adf"
 

@@ -6,7 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from training.models import check_teacher_path
+from training.models.teacher import check_teacher_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ CHECK = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import original_layout
     from safetensors import safe_open
-    from training.models import ASSETS, load_teacher
+    from training.models.teacher import ASSETS, load_teacher
     teacher = load_teacher({path!r})
     loaded = original_layout(teacher.unet, teacher.vae, teacher.text_encoder)
     with safe_open({path!r}, "pt") as f:

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DistillConfig, UserError
-from training.data import DataError, PairDataset
-from training.sources import BuiltinPrompts, DiverseWorld, ImageFolder, PromptFile, TarShards, World, parse_source
+from training.config import DistillConfig
+from training.data.images import PairDataset
+from training.data.sources import BuiltinPrompts, DiverseWorld, ImageFolder, PromptFile, TarShards, World, parse_source
+from training.errors import DataError, UserError
 
 
 def test_each_spelling_parses_to_its_kind(tmp_path):
@@ -65,8 +66,8 @@ def test_a_dataset_takes_a_parsed_source_or_its_string(tmp_path, images):
 def test_diverse_is_a_world_with_its_own_folder_and_captions(tmp_path):
     from types import SimpleNamespace
 
-    from training.loop import world_folder
-    from training.world import scenes
+    from training.data import scenes
+    from training.data.prepare import world_folder
 
     diverse = parse_source("diverse:5")
     assert diverse == DiverseWorld(5) != World(5) and isinstance(diverse, World) and not diverse.data_free

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from training.data import make_loader
+from training.data.images import make_loader
 from training.loop import build, train_step
-from training.models import STUDENT, TARGET, adapter_params, ema_update, using
+from training.models.adapters import STUDENT, TARGET, adapter_params, ema_update, using
 
 
 @pytest.fixture

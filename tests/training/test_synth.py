@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from training import synth
-from training.models import ASSETS, load_teacher
-from training.synth_prompts import builtin_prompts, read_prompt_file
+from training.data import synth
+from training.data.synth_prompts import builtin_prompts, read_prompt_file
+from training.models.teacher import ASSETS, load_teacher
 
 
 def test_builtin_prompts_are_many_distinct_and_stable():

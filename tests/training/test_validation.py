@@ -130,7 +130,8 @@ def test_guided_sampling_is_uncond_plus_cfg_times_the_difference(cfg):
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_teacher):
     """The tiny teacher's UNet (with adapters) and VAE, and a text encoder call."""
-    from training.models import add_adapters, load_teacher, tokenize
+    from training.models.adapters import add_adapters
+    from training.models.teacher import load_teacher, tokenize
 
     teacher = load_teacher(tiny_teacher)
     add_adapters(teacher.unet, 4, 4.0)

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from scipy import linalg
 
 from experiments.world import classifier, evaluate, metrics
-from training.world import scenes
+from training.data import scenes
 
 HELD_OUT = 4242  # a world seed used neither for training (1000+), held-out printout (2000) nor the report (7)
 N_SET = 400  # images per scored set: FD on 128-d features is biased upward at small n

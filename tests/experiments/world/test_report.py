@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from experiments.world import evaluate, report
-from training.config import DEMO_TEACHER, parse_config
-from training.world import scenes
+from training.cli import parse_config
+from training.config import DEMO_TEACHER
+from training.data import scenes
 
 
 def test_paired_difference_and_its_standard_error_by_hand():

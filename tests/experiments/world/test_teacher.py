@@ -10,8 +10,8 @@ from safetensors import safe_open
 from experiments.world import teacher as world_teacher
 from scott_core.schedule import alphas_cumprod
 from training.config import DEMO_TEACHER
-from training.models import check_teacher_path, load_teacher
-from training.world import scenes
+from training.data import scenes
+from training.models.teacher import check_teacher_path, load_teacher
 
 MODEL_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
 

@@ -2,7 +2,7 @@
 
 One set per (LoRA, steps) sampled with scott_core's consistency sampler on the LoRA-patched teacher, plus the
 teacher's own reference row (25 DPM-Solver++ 2M steps, cfg 7.5). Image i of every set uses prompt i and seed + i
-(training.synth.plan), so sets compare image for image and a rerun or a larger --n only draws what is missing.
+(training.data.synth.plan), so sets compare image for image and a rerun or a larger --n only draws what is missing.
 """
 
 import contextlib
@@ -19,11 +19,12 @@ from scott_core import lora_format
 from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import alphas_cumprod, lcm_timesteps
 
+from ..data.synth import pipeline_generator, plan, teacher_pipeline
+from ..errors import UserError
+from ..models.teacher import file_sha256, tokenize
+from ..models.unet import guided_eps_fn, unet_eps_fn
+from ..validation import decode, grid
 from . import metrics, scorers
-from .config import UserError
-from .models import file_sha256, guided_eps_fn, tokenize, unet_eps_fn
-from .synth import pipeline_generator, plan, teacher_pipeline
-from .validation import decode, grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SET_FILE = "set.json"
@@ -350,7 +351,7 @@ def model_dtype(name, device):
 
 def check_options(opts):
     """The cheap checks, before any model loads: weights files, LoRAs, teacher path, set sizes."""
-    from .models import check_teacher_path
+    from ..models.teacher import check_teacher_path
 
     scorers.check_inception_file(opts.inception)
     scorers.check_clip_folder(opts.clip)
@@ -366,7 +367,7 @@ def check_options(opts):
 
 def generate_sets(opts, sets, loras, teacher, items, accelerator):
     """Fill each set's cache folder; every process draws its shard of the missing images."""
-    from .synth import shard, synthesize
+    from ..data.synth import shard, synthesize
 
     by_path = {lora.path: lora for lora in loras}
     for eval_set in sets:
@@ -410,7 +411,7 @@ def evaluate(opts):
     """Generate (resumably, on every accelerate process) and score every set; the rows on the main process."""
     from accelerate import Accelerator
 
-    from .models import load_teacher
+    from ..models.teacher import load_teacher
 
     accelerator = Accelerator()
     loras = check_options(opts)

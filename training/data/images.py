@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from . import buckets as bucketing
-from .errors import DataError
 from .sources import ImageFolder, TarShards, parse_source
 
 log = logging.getLogger(__name__)

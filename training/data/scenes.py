@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..synth import save_pair
+from .synth import save_pair
 
 SIZE = 64
 SUPERSAMPLE = 4

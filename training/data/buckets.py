@@ -2,17 +2,11 @@
 each image goes to the bucket nearest its aspect ratio, and a batch holds one bucket."""
 
 import math
-from pathlib import Path
 
 import torch
 
-from .errors import DataError, UserError
+from ..errors import DataError
 from .sources import ImageFolder, TarShards
-
-try:
-    import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 STEP = 64
 
@@ -122,23 +116,3 @@ def bucket_report(dataset, cfg, world_size):
     """The run-start line of how many images fell in each bucket (and what was skipped)."""
     low = smallest_side(bucket_sizes(cfg.resolution))
     return report(dataset.groups(), cfg.batch_size, world_size, dataset.unreadable, dataset.too_small, low)
-
-
-def check_resume_buckets(cfg):
-    """A resume must keep the bucket setting of the run it resumes (its <output>/config.toml says which), or the
-    data order would change under it: else one line saying which flag to give."""
-    if cfg.resume is None or not bucketable(cfg.source):
-        return
-    from .checkpoint import resolve
-
-    found = resolve(cfg.resume, Path(cfg.output) / "checkpoints")
-    saved = Path(found).resolve().parent.parent / "config.toml" if found else None
-    if saved is None or not saved.is_file():
-        return
-    before = tomllib.loads(saved.read_text(encoding="utf-8")).get("buckets", False)  # older runs: square crops
-    if before != cfg.buckets:
-        flag = "--buckets" if before else "--no-buckets"
-        raise UserError(
-            f"--resume {found}: that run trained with {flag} and this one with "
-            f"{'--buckets' if cfg.buckets else '--no-buckets'}; give {flag} to resume it, or start a new --output"
-        )

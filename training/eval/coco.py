@@ -11,7 +11,7 @@ and seed + i; generation is at 512 px; FID, PRDC and the CLIP score compare the 
 import json
 from pathlib import Path
 
-from .config import UserError
+from ..errors import UserError
 
 PROTOCOLS = ("coco2017-5k",)
 COCO_N = 5000

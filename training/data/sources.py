@@ -8,7 +8,7 @@ A new kind of source is one dataclass here and, if it has a prefix, one entry in
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, UserError
+from ..errors import DataError, UserError
 
 WORLD_PREFIX = "world:"
 PROMPTS_PREFIX = "prompts:"
@@ -55,7 +55,7 @@ class World:
 
     count: int
     data_free = False
-    world = "shapes"  # training.world.scenes' world, rendered into <output>/<folder>
+    world = "shapes"  # training.data.scenes' world, rendered into <output>/<folder>
     folder = "world"
 
     def check(self):
@@ -98,7 +98,7 @@ class BuiltinPrompts:
         """The built-in list is always there."""
 
     def prompts(self):
-        """The built-in list (training/synth_prompts.py)."""
+        """The built-in list (training/data/synth_prompts.py)."""
         from .synth_prompts import builtin_prompts
 
         return builtin_prompts()

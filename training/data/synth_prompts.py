@@ -4,7 +4,7 @@ import itertools
 import random
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 SUBJECTS = [
     "an old fisherman", "a young woman with freckles", "a red fox", "a snow leopard", "a lighthouse",

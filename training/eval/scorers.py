@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import UserError
+from ..errors import UserError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SOURCE = "the pytorch-fid project's GitHub releases (release 'fid_weights')"

@@ -1,0 +1,87 @@
+"""`python -m training.distill`'s command line, generated from DistillConfig: one --flag per field in one group per
+concern, over a --config run file, over the demo's defaults for `--teacher demo`."""
+
+import argparse
+import dataclasses
+
+from scott_core.solvers import KNOBS, SOLVERS, knob_owners
+
+from .config import DEMO_DEFAULTS, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, flag_name
+from .data.sources import METAVAR as DATA_METAVAR
+from .runfile import field_types, read_run_file
+
+
+def _metavar(name, kind):
+    if name == "data":
+        return DATA_METAVAR
+    if name in ("teacher", "output", "validation_prompts"):
+        return "PATH"
+    return "PATH|latest" if name == "resume" else kind.__name__.upper()
+
+
+def _default_text(f):
+    if f.metadata.get("required"):
+        return " (required)"
+    if f.name == "gradient_checkpointing":
+        return " (default: auto)"
+    if f.default is None and f.name == "data":
+        return " (default: the built-in prompt list, data-free)"
+    if f.name in KNOBS:
+        owners = knob_owners(f.name)
+        return f" (default: {SOLVERS[owners[0]].knobs[f.name]:g} with --solver {' / '.join(owners)}; unset otherwise)"
+    if f.name in MODE_DEFAULTS["scott"]:
+        return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
+    return f" (default: {f.default})"
+
+
+def build_parser():
+    """argparse generated from DistillConfig: one --flag per field (in one group per concern), plus --config."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.distill",
+        description="Distill a SCott (or LCM) LoRA from an SD1.5-family checkpoint. Flags left out take the "
+        "defaults shown.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML run file whose keys are these flags' names (dashes or underscores); flags on the command "
+        "line override it. Every run writes its resolved configuration to <output>/config.toml",
+    )
+    kinds = field_types()
+    for group_class in GROUPS:
+        group = parser.add_argument_group(group_class.__name__.removesuffix("Options").lower(), group_class.__doc__)
+        for f in dataclasses.fields(group_class):
+            kind = kinds[f.name]
+            help_text = f.metadata["help"] + _default_text(f)
+            if kind is bool:
+                group.add_argument(
+                    flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+                )
+                continue
+            group.add_argument(
+                flag_name(f.name),
+                type=kind,
+                default=f.default,
+                help=help_text,
+                choices=f.metadata.get("choices"),
+                metavar=None if f.metadata.get("choices") else _metavar(f.name, kind),
+            )
+    return parser
+
+
+def parse_config(argv=None):
+    """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_file = read_run_file(args.config) if args.config else {}
+    parser.set_defaults(**run_file)
+    args = parser.parse_args(argv)
+    if args.teacher == "demo":
+        parser.set_defaults(**{**DEMO_DEFAULTS, **run_file})
+        args = parser.parse_args(argv)
+    if args.teacher is None:
+        parser.error("the following arguments are required: --teacher")
+    values = vars(args)
+    del values["config"]
+    return DistillConfig(**values).resolved()
+
