@@ -76,11 +76,12 @@ REFUSED_PREDICTIONS = {
 
 
 class UnsupportedModel(ValueError):
-    """A model SCott refuses; `name` is its short family name and the message names it and what is supported."""
+    """A model SCott refuses; `name` is its short family name, `what` says what it is; the message names both and
+    what is supported, after an optional prefix (the node that refused it)."""
 
-    def __init__(self, name, what):
-        super().__init__(f"the model is {name} ({what}): {SUPPORTED}")
-        self.name = name
+    def __init__(self, name, what, prefix=""):
+        super().__init__(f"{prefix}the model is {name} ({what}): {SUPPORTED}")
+        self.name, self.what = name, what
 
 
 def family_of(config_name, model_type="EPS", in_channels=4, zero_terminal_snr=False):
