@@ -38,6 +38,7 @@ from benchmarks.memory import estimate, measure, sd15_components, tiny_component
 from scott_core.schedule import alphas_cumprod, training_grid  # noqa: E402
 from training.config import DistillConfig  # noqa: E402
 from training.models.adapters import add_adapters, enable_checkpointing  # noqa: E402
+from training.models.conditioning import Conditioning  # noqa: E402
 from training.models.discriminator import DiscriminatorHead, up_block_channels  # noqa: E402
 from training.models.unet import guided_eps_fn  # noqa: E402
 from training.step import SCottStep, draw, scott_backward  # noqa: E402
@@ -96,8 +97,8 @@ def worker(args):
 
     def step():
         z0 = torch.randn(args.batch_size, 4, latent, latent, generator=generator).to(device)
-        cond = torch.randn(args.batch_size, 77, dim, generator=generator).to(device)
-        uncond = torch.randn(1, 77, dim, generator=generator).to(device)
+        cond = Conditioning(torch.randn(args.batch_size, 77, dim, generator=generator).to(device))
+        uncond = Conditioning(torch.randn(1, 77, dim, generator=generator).to(device))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             scott_backward(model, z0, cond, uncond, draw(z0, grid, cfg, generator))
         optimizer.step()

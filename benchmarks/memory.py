@@ -27,8 +27,9 @@ from training.config import DistillConfig
 from training.encode import batch_latents
 from training.loop import weight_dtype
 from training.models.adapters import add_adapters, enable_checkpointing
+from training.models.conditioning import Conditioning
 from training.models.discriminator import DiscriminatorHead, feature_channels
-from training.models.teacher import ASSETS
+from training.models.family import SD15, square_sizes
 from training.models.unet import unet_eps_fn
 from training.step import SCottStep, draw, scott_backward
 
@@ -136,9 +137,9 @@ def sd15_components():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(ASSETS / "unet")))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(ASSETS / "vae")))
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(ASSETS / "text_encoder")))
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15.assets / "unet")))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15.assets / "vae")))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15.assets / "text_encoder")))
     return unet, vae, text, 768, 8
 
 
@@ -211,19 +212,20 @@ def tokenizer():
     """The shipped SD1.5 CLIP tokenizer (77 tokens; the tiny text encoder has CLIP's vocabulary too)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    return CLIPTokenizer.from_pretrained(str(SD15.assets / "tokenizer"))
 
 
 def micro_batch(vae, text, dim, scale, resolution, batch_size, device, cache=True):
     """A micro-batch as the loader serves it: with the cache, the latent mean / std (the VAE's dtype) and caption
     hidden states (the text encoder's dtype) from CachedPairs; without it, pixels in [-1, 1] and captions."""
+    sizes = square_sizes(resolution, resolution, batch_size)
     if not cache:
         return {"pixels": torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1,
-                "captions": ["a photograph of an astronaut riding a horse"] * batch_size}
+                "captions": ["a photograph of an astronaut riding a horse"] * batch_size, "sizes": sizes}
     latent = (batch_size, 4, resolution // scale, resolution // scale)
     return {"mean": torch.randn(latent, dtype=vae.dtype, device=device),
             "std": torch.rand(latent, dtype=vae.dtype, device=device),
-            "cond": torch.randn(batch_size, 77, dim, dtype=text.dtype, device=device)}
+            "cond": Conditioning(torch.randn(batch_size, 77, dim, dtype=text.dtype, device=device)), "sizes": sizes}
 
 
 def train_step(step, vae, text, dim, scale, optimizer, resolution, batch_size, device, counter=None, cache=True):
@@ -232,12 +234,12 @@ def train_step(step, vae, text, dim, scale, optimizer, resolution, batch_size, d
     mark = counter.begin if counter else (lambda phase: None)
     generator = torch.Generator().manual_seed(0)
     mark("latents")
-    teacher = SimpleNamespace(vae=vae, text_encoder=text, tokenizer=None if cache else tokenizer())
+    teacher = SimpleNamespace(family=SD15, vae=vae, text_encoders=(text,), tokenizers=(None if cache else tokenizer(),))
     run = SimpleNamespace(teacher=teacher, accelerator=SimpleNamespace(device=device))
     batch = micro_batch(vae, text, dim, scale, resolution, batch_size, device, cache)
     z0, cond = batch_latents(run, batch, generator)
     del batch
-    uncond = torch.randn(1, 77, dim, device=device)  # run.uncond: the empty caption's hidden states, float32
+    uncond = Conditioning(torch.randn(1, 77, dim, device=device))  # run.uncond: the empty caption's, float32
     forward = step.forward
 
     def marked(phase, *args):
@@ -264,7 +266,7 @@ def synth_step(unet, vae, dim, scale, resolution, batch_size, device, mixed_prec
     mark = counter.begin if counter else (lambda phase: None)
     latent = resolution // scale
     z = torch.randn(batch_size, 4, latent, latent, device=device)
-    cond = torch.randn(2 * batch_size, 77, dim, device=device)
+    cond = Conditioning(torch.randn(2 * batch_size, 77, dim, device=device))
     with autocast(device, mixed_precision):
         mark("teacher")
         eps = unet_eps_fn(unet, cond)(torch.cat([z, z]), torch.full((2 * batch_size,), 999.0, device=device))

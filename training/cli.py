@@ -6,7 +6,7 @@ import dataclasses
 
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
-from .config import DEMO_DEFAULTS, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, flag_name
+from .config import DEMO_NAMES, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, demo_defaults, flag_name
 from .data.sources import METAVAR as DATA_METAVAR
 from .runfile import field_types, read_run_file
 
@@ -38,7 +38,7 @@ def build_parser():
     """argparse generated from DistillConfig: one --flag per field (in one group per concern), plus --config."""
     parser = argparse.ArgumentParser(
         prog="python -m training.distill",
-        description="Distill a SCott (or LCM) LoRA from an SD1.5-family checkpoint. Flags left out take the "
+        description="Distill a SCott (or LCM) LoRA from an SD1.5- or SDXL-family checkpoint. Flags left out take the "
         "defaults shown.",
     )
     parser.add_argument(
@@ -70,14 +70,15 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
+    """CLI arguments (over a --config run file, over the demo defaults for `--teacher demo` / `demo-xl`) -> resolved
+    DistillConfig."""
     parser = build_parser()
     args = parser.parse_args(argv)
     run_file = read_run_file(args.config) if args.config else {}
     parser.set_defaults(**run_file)
     args = parser.parse_args(argv)
-    if args.teacher == "demo":
-        parser.set_defaults(**{**DEMO_DEFAULTS, **run_file})
+    if args.teacher in DEMO_NAMES:
+        parser.set_defaults(**{**demo_defaults(args.teacher), **run_file})
         args = parser.parse_args(argv)
     if args.teacher is None:
         parser.error("the following arguments are required: --teacher")

@@ -38,9 +38,11 @@ MODE_DEFAULTS = {
 
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
-# `--teacher demo`: the shipped shapes-world teacher (training/data/scenes.py), with defaults sized for minutes on a
-# CPU.
-# Flags given on the command line (or in a --config file) still win.
+DEMO_XL_TEACHER = Path(__file__).resolve().parent / "assets" / "demo_xl"
+# `--teacher demo` / `--teacher demo-xl`: the shipped shapes-world teachers (training/data/scenes.py; SD1.5- and
+# SDXL-family), with defaults sized for minutes on a CPU. Flags given on the command line (or in a --config file)
+# still win.
+DEMO_NAMES = ("demo", "demo-xl")
 DEMO_DEFAULTS = {
     "data": WORLD_PREFIX + "4000",
     "output": "runs/demo",
@@ -103,9 +105,10 @@ class ModelOptions:
 
     teacher: str = _opt(
         None,
-        "the teacher: a single-file SD1.5-family checkpoint (.safetensors, original SD "
-        "layout) or a diffusers folder; 'demo' = the shipped 64 px shapes-world teacher, with defaults sized "
-        "for a few minutes on a CPU (data world:4000, resolution 64, batch 16, 300 steps, rank 16)",
+        "the teacher: a single-file SD1.5- or SDXL-family checkpoint (.safetensors, original SD layout, as model "
+        "sites ship them) or a diffusers folder (eps prediction; refiners, inpainting, v-prediction and EDM models "
+        "are refused); 'demo' / 'demo-xl' = the shipped 64 px shapes-world teachers (SD1.5- / SDXL-family), with "
+        "defaults sized for a few minutes on a CPU (data world:4000, resolution 64, batch 16, 300 steps, rank 16)",
         required=True,
     )
     trust_ckpt: bool = _opt(False, "allow a .ckpt/.pt teacher (pickle: run only files you trust)")
@@ -139,9 +142,10 @@ class DataOptions:
         7.5, "data-free only: classifier-free guidance scale of the teacher images", range=AT_LEAST_0
     )
     resolution: int = _opt(
-        512,
+        None,
         "training resolution in pixels: images go to aspect-ratio buckets of about resolution^2 pixels (a multiple "
-        "of 64), or with --no-buckets are resized and center-cropped to resolution^2 (a multiple of 8)",
+        "of 64), or with --no-buckets are resized and center-cropped to resolution^2 (a multiple of 8); default: "
+        "the teacher family's (SD1.5 512, SDXL 1024)",
         range=Range(8, multiple=8),
     )
     buckets: bool = _opt(
@@ -331,8 +335,10 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         if self.mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         values = dataclasses.asdict(self)
-        if self.teacher == "demo":
-            values["teacher"] = str(demo_teacher())
+        if self.teacher in DEMO_NAMES:
+            values["teacher"] = str(demo_teacher(self.teacher))
+        if values["resolution"] is None:
+            values["resolution"] = teacher_resolution(values["teacher"], self.trust_ckpt)
         for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
@@ -425,14 +431,39 @@ def hardware_defaults(mixed_precision, gradient_checkpointing):
     return {"mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing}
 
 
-def demo_teacher():
-    """The shipped shapes-world teacher's folder; a UserError saying how to rebuild it if it is missing."""
-    if not (DEMO_TEACHER / "model_index.json").is_file():
+def demo_folder(name):
+    """Where the shipped 'demo' / 'demo-xl' teacher lives."""
+    return {"demo": DEMO_TEACHER, "demo-xl": DEMO_XL_TEACHER}[name]
+
+
+def demo_teacher(name="demo"):
+    """The shipped shapes-world teacher's folder ('demo' or 'demo-xl'); a UserError saying how to rebuild it if it
+    is missing."""
+    folder = demo_folder(name)
+    if not (folder / "model_index.json").is_file():
+        family = " --family sdxl" if name == "demo-xl" else ""
         raise UserError(
-            f"the demo teacher is missing from {DEMO_TEACHER}; rebuild it with "
-            f"python -m experiments.world.teacher --out {DEMO_TEACHER}"
+            f"the {name} teacher is missing from {folder}; rebuild it with "
+            f"python -m experiments.world.teacher --out {folder}{family}"
         )
-    return DEMO_TEACHER
+    return folder
+
+
+def demo_defaults(name):
+    """The flag defaults of `--teacher demo` / `--teacher demo-xl`: DEMO_DEFAULTS with the teacher's own output
+    folder and validation prompts."""
+    folder = demo_folder(name)
+    return {**DEMO_DEFAULTS, "output": f"runs/{name}", "validation_prompts": str(folder / "prompts.txt")}
+
+
+def teacher_resolution(teacher, trust_ckpt=False):
+    """The default resolution of the teacher's family (its refusal if it is refused); SD1.5's for a path that does
+    not exist (the run stops at the teacher check before any training)."""
+    from .models.family import SD15
+    from .models.teacher import check_teacher_path
+
+    family = check_teacher_path(teacher, trust_ckpt) if Path(teacher).exists() else SD15
+    return family.core.default_resolution
 
 
 def flag_name(name):

@@ -20,7 +20,7 @@ from .data.cache import CachedPairs, Encoders, fill, text_key
 from .data.images import PairDataset, make_loader
 from .data.prepare import synthetic_dataset, world_folder
 from .data.sources import World
-from .encode import batch_latents, encode_moments, encode_text
+from .encode import batch_latents, encode_moments, encode_text, encode_uncond
 from .export import export_lora
 from .memory import OutOfMemory, out_of_memory_message
 from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_checkpointing
@@ -120,8 +120,8 @@ def build(cfg):
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     checkpoint.register_hooks(accelerator)
-    teacher.vae.to(accelerator.device)
-    teacher.text_encoder.to(accelerator.device)
+    for module in (teacher.vae, *teacher.text_encoders):
+        module.to(accelerator.device)
     run = Run(
         cfg,
         accelerator,
@@ -135,14 +135,14 @@ def build(cfg):
     )
     if cfg.cache_latents:
         run.dataset = cache_latents(run)
-        run.uncond = run.dataset.uncond().to(accelerator.device)
+        run.uncond = teacher.family.uncond(run.dataset.uncond().to(accelerator.device))
     else:
-        run.uncond = encode_text(run, [""])
+        run.uncond = encode_uncond(run)
     return run
 
 
 def cache_latents(run):
-    """Fill <output>/cache (each process its shard), then serve the dataset from it; the VAE and text encoder
+    """Fill <output>/cache (each process its shard), then serve the dataset from it; the VAE and text encoders
     leave the GPU."""
     accelerator, cfg, teacher = run.accelerator, run.cfg, run.teacher
     root = Path(cfg.output) / "cache"
@@ -153,8 +153,8 @@ def cache_latents(run):
     )
     accelerator.wait_for_everyone()
     log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, made)
-    teacher.vae.to("cpu")
-    teacher.text_encoder.to("cpu")
+    for module in (teacher.vae, *teacher.text_encoders):
+        module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return CachedPairs(run.dataset, root, latent_keys, text_keys, text_key(teacher.sha256, ""))
@@ -235,8 +235,9 @@ def validate(run, step, prompts):
         validation_grid(
             run.unet,
             run.teacher.vae,
+            run.teacher.family,
             encode_text(run, [line.prompt for line in prompts]),
-            encode_text(run, [line.negative for line in prompts]),
+            negatives(run, prompts),
             prompts,
             cfg.validation_step_counts(),
             alphas_cumprod(),
@@ -246,6 +247,12 @@ def validate(run, step, prompts):
             seed=cfg.seed,
         )
     return path
+
+
+def negatives(run, prompts):
+    """The Conditioning of each line's negative prompt: the run's unconditional embedding where it has none."""
+    cond = encode_text(run, [line.negative for line in prompts])
+    return cond.where(torch.tensor([not line.negative for line in prompts]), run.uncond.like(cond))
 
 
 HELDOUT_SEED = 7_654_321  # the held-out batch's generators: --seed + this (latent sample, draws), + 1 (teacher)
@@ -273,10 +280,16 @@ def keep_best(run, step, held, keeper):
         run.accelerator.log({"val/cd_loss": loss}, step=step)
     if keeper.improves(loss):
         best = Path(cfg.output) / f"{cfg.name}_best.safetensors"
-        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, best, step=step)
+        export(run, best, step)
         keeper.record(step, loss)
     log.info("step %d: held-out consistency loss %.6g (best %.6g at step %s)", step, loss, keeper.loss, keeper.step)
     return loss
+
+
+def export(run, path, step):
+    """Export the run's student LoRA at optimiser step `step` to `path` (the teacher's family, name and hash)."""
+    teacher = run.teacher
+    export_lora(run.unet, run.cfg, teacher.family, teacher.name, teacher.sha256, path, step=step)
 
 
 def step_lora_path(cfg, step):
@@ -340,7 +353,7 @@ def train(cfg):
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_good = [checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)]
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and accelerator.is_main_process:
-                export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, step_lora_path(cfg, step), step=step)
+                export(run, step_lora_path(cfg, step), step)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 validate(run, step, prompts)
                 keep_best(run, step, held, keeper)
@@ -348,7 +361,7 @@ def train(cfg):
         progress.close()
     path = output / f"{cfg.name}.safetensors"
     if accelerator.is_main_process:
-        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path, step=step)
+        export(run, path, step)
         log.info(
             "%d steps in %.1f s; %d unreadable images skipped; LoRA written to %s",
             step,

@@ -28,6 +28,7 @@ from scott_core.schedule import alphas_cumprod
 from training.config import DEMO_DEFAULTS, demo_teacher
 from training.data import scenes
 from training.data.synth import save_pair, teacher_pipeline
+from training.models.conditioning import Conditioning
 from training.models.teacher import load_teacher, tokenize
 from training.validation import consistency_sample, decode
 
@@ -117,7 +118,7 @@ def student_images(pipe, captions, steps, seed, batch=100):
     noise = initial_noise(len(captions), seed, (pipe.unet.config.in_channels, latent, latent))
     out = []
     for start in range(0, len(captions), batch):
-        cond = pipe.text_encoder(tokenize(pipe.tokenizer, captions[start : start + batch]))[0]
+        cond = Conditioning(pipe.text_encoder(tokenize(pipe.tokenizer, captions[start : start + batch]))[0])
         generator = torch.Generator().manual_seed(seed * 7919 + start)
         x0 = consistency_sample(pipe.unet, cond, noise[start : start + batch], steps, ab, 1.0, generator)
         out.append(decode(pipe.vae, x0))

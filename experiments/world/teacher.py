@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from scott_core.schedule import alphas_cumprod
 from training.data import scenes
 from training.data.synth import teacher_pipeline
-from training.models.teacher import ASSETS, load_teacher, tokenize
+from training.models.family import SD15
+from training.models.teacher import load_teacher, tokenize
+
+ASSETS = SD15.assets
 
 # Sizes of the full teacher and of the seconds-long --quick one (the test's).
 SIZES = {
@@ -144,8 +147,9 @@ def initial_models(init, size):
         return tokenizer, vae_model(size), unet_model(size), text_model(size, tokenizer)
     teacher = load_teacher(init)
     teacher.unet.requires_grad_(True)
-    teacher.text_encoder.requires_grad_(True)
-    return teacher.tokenizer, teacher.vae, teacher.unet, teacher.text_encoder
+    (text_encoder,), (tokenizer,) = teacher.text_encoders, teacher.tokenizers
+    text_encoder.requires_grad_(True)
+    return tokenizer, teacher.vae, teacher.unet, text_encoder
 
 
 def load_tokenizer():

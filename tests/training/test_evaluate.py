@@ -15,7 +15,8 @@ from training import config
 from training.errors import UserError
 from training.eval import coco, evaluation, scorers
 from training.evaluate import build_parser, main, resolve
-from training.models.teacher import ASSETS, load_teacher
+from training.models.family import SD15
+from training.models.teacher import load_teacher
 
 INCEPTION_VERSION = "fid-inception-random-v1.pth"
 CLIP_VERSION = "tiny-clip-random-v1"
@@ -48,7 +49,8 @@ def clip_folder(cache_dir):
                       patch_size=8)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
         images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        processor = CLIPProcessor(image_processor=images, tokenizer=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"))
+        tokenizer = CLIPTokenizer.from_pretrained(SD15.assets / "tokenizer")
+        processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
         tmp = Path(str(folder) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)

@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from training.models.family import SD15
 from training.models.teacher import check_teacher_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,24 +19,26 @@ CHECK = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import original_layout
     from safetensors import safe_open
-    from training.models.teacher import ASSETS, load_teacher
+    from training.models.family import SD15
+    from training.models.teacher import load_teacher
     teacher = load_teacher({path!r})
-    loaded = original_layout(teacher.unet, teacher.vae, teacher.text_encoder)
+    loaded = original_layout(teacher.unet, teacher.vae, *teacher.text_encoders)
     with safe_open({path!r}, "pt") as f:
         keys = set(f.keys())
         assert set(loaded) <= keys, sorted(set(loaded) - keys)[:5]
         bad = [k for k in loaded if not torch.equal(loaded[k], f.get_tensor(k))]
     assert not bad, bad[:5]
-    assert teacher.unet.dtype == torch.float32 and teacher.tokenizer.model_max_length == 77
-    assert teacher.scheduler_config == ASSETS / "scheduler"  # a single file samples on the shipped config
-    ids = teacher.tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
+    (tokenizer,) = teacher.tokenizers
+    assert teacher.unet.dtype == torch.float32 and tokenizer.model_max_length == 77
+    assert teacher.scheduler_config == SD15.assets / "scheduler"  # a single file samples on the shipped config
+    ids = tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
     assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and len(ids) == 77
     print("OK", len(loaded), sum(p.numel() for p in teacher.unet.parameters()))
 """)
 
 
 def test_original_layout_sd15_loads_offline_and_round_trips(sd15_single_file, tmp_path):
-    assert check_teacher_path(sd15_single_file) == "sd15"
+    assert check_teacher_path(sd15_single_file) is SD15
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",

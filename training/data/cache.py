@@ -1,5 +1,6 @@
-"""The latent and caption-embedding cache under <output>/cache: VAE latent mean and std per image and CLIP hidden
-states per caption, computed once by the processes together, then read by the loader instead of encoding each step.
+"""The latent and caption-embedding cache under <output>/cache: VAE latent mean and std (and the size conditioning)
+per image and the text encoders' hidden states (and SDXL's pooled embedding) per caption, computed once by the
+processes together, then read by the loader instead of encoding each step.
 
 An entry's name is a sha256 of what determines it: the teacher's sha256, the image's bytes and its crop size (the
 bucket, or resolution x resolution), or the caption's text. A changed image or caption is a new name (re-encoded,
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from ..models.conditioning import Conditioning
+
 log = logging.getLogger(__name__)
 
-VERSION = "scott-cache-v1"  # bump when what an entry holds or how it is computed changes
+VERSION = "scott-cache-v2"  # bump when what an entry holds or how it is computed changes
 LATENT, TEXT = "latents", "text"
-NAMES = {LATENT: ("mean", "std"), TEXT: ("hidden",)}
+NAMES = {LATENT: ("mean", "std", "sizes"), TEXT: ("hidden",)}  # a text entry may also hold "pooled"
 
 
 def latent_key(teacher_sha, image_bytes, size):
@@ -79,7 +82,7 @@ def todo(root, kind, keys):
 
 @dataclass
 class Encoders:
-    """What filling the cache needs: encode_latents(pixels [B, 3, H, W]) -> (mean, std), encode_text(captions)."""
+    """What filling the cache needs: latents(pixels [B, 3, H, W]) -> (mean, std), text(captions) -> Conditioning."""
 
     latents: object
     text: object
@@ -104,8 +107,10 @@ def fill(dataset, teacher_sha, root, encoders, rank=0, world_size=1, batch_size=
     texts = todo(root, TEXT, shard(caption_of, rank, world_size))
     for start in range(0, len(texts), batch_size):
         keys = texts[start : start + batch_size]
-        for key, hidden in zip(keys, encoders.text([caption_of[k] for k in keys])):
-            save_entry(entry_path(root, TEXT, key), {"hidden": hidden})
+        cond = encoders.text([caption_of[k] for k in keys])
+        for i, key in enumerate(keys):
+            pooled = {} if cond.pooled is None else {"pooled": cond.pooled[i]}
+            save_entry(entry_path(root, TEXT, key), {"hidden": cond.states[i], **pooled})
         made += len(keys)
     return latent_keys, text_keys, made
 
@@ -113,18 +118,19 @@ def fill(dataset, teacher_sha, root, encoders, rank=0, world_size=1, batch_size=
 def _fill_latents(dataset, indices, keys, root, encoders):
     """Encode and save the readable images among `indices` (an unreadable one gets no entry: skipped later)."""
     samples = [(key, dataset[i]) for i, key in zip(indices, keys)]
-    samples = [(key, s[0]) for key, s in samples if s is not None]
+    samples = [(key, s) for key, s in samples if s is not None]
     if not samples:
         return 0
-    mean, std = encoders.latents(torch.stack([pixels for _, pixels in samples]))
-    for (key, _), m, s in zip(samples, mean, std):
-        save_entry(entry_path(root, LATENT, key), {"mean": m, "std": s})
+    mean, std = encoders.latents(torch.stack([sample[0] for _, sample in samples]))
+    for (key, sample), m, s in zip(samples, mean, std):
+        save_entry(entry_path(root, LATENT, key), {"mean": m, "std": s, "sizes": sample[2]})
     return len(samples)
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """The pairs of a PairDataset served from the cache: {"mean", "std", "cond", "caption"}, or None (skipped)
-    for an image without a usable entry (unreadable when the cache was filled, or damaged since)."""
+    """The pairs of a PairDataset served from the cache: {"mean", "std", "sizes", "cond" (a Conditioning),
+    "caption"}, or None (skipped) for an image without a usable entry (unreadable when the cache was filled, or
+    damaged since)."""
 
     def __init__(self, dataset, root, latent_keys, text_keys, uncond_key):
         self.dataset, self.root = dataset, Path(root)
@@ -139,8 +145,8 @@ class CachedPairs(torch.utils.data.Dataset):
         return getattr(self.dataset, name)
 
     def uncond(self):
-        """The empty caption's hidden states [1, 77, D] (float32)."""
-        return load_entry(entry_path(self.root, TEXT, self.uncond_key), TEXT)["hidden"][None].float()
+        """The empty caption's Conditioning [1, ...] (float32)."""
+        return text_conditioning(load_entry(entry_path(self.root, TEXT, self.uncond_key), TEXT))[None].float()
 
     def __getitem__(self, index):
         latent = load_entry(entry_path(self.root, LATENT, self.latent_keys[index]), LATENT)
@@ -148,11 +154,17 @@ class CachedPairs(torch.utils.data.Dataset):
         if latent is None or text is None:
             log.debug("no usable cache entry for %s: skipped", self.dataset.pairs[index].source)
             return None
-        return {**latent, "cond": text["hidden"], "caption": self.dataset.pairs[index].caption}
+        return {**latent, "cond": text_conditioning(text), "caption": self.dataset.pairs[index].caption}
 
     @staticmethod
     def collate(samples):
         """Stack the served samples; count the skipped ones ('skipped'), as data.collate does."""
         good = [s for s in samples if s is not None]
-        batch = {k: torch.stack([s[k] for s in good]) if good else torch.zeros(0) for k in ("mean", "std", "cond")}
-        return {**batch, "captions": [s["caption"] for s in good], "skipped": len(samples) - len(good)}
+        batch = {k: torch.stack([s[k] for s in good]) if good else torch.zeros(0) for k in ("mean", "std", "sizes")}
+        cond = Conditioning.cat([s["cond"][None] for s in good]) if good else None
+        return {**batch, "cond": cond, "captions": [s["caption"] for s in good], "skipped": len(samples) - len(good)}
+
+
+def text_conditioning(entry):
+    """The Conditioning (no batch dimension) of a text entry: its hidden states and pooled embedding if any."""
+    return Conditioning(entry["hidden"], entry.get("pooled"))

@@ -89,7 +89,8 @@ def tar_pairs(paths):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption); unreadable image -> None (skipped).
+    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption, size conditioning [6] (crop_sizes)); unreadable
+    image -> None (skipped).
 
     Square R x R crops, or with buckets=True each image in the aspect-ratio bucket nearest its own (buckets.py);
     images whose header is unreadable or with a side under the smallest bucket's are then dropped and counted."""
@@ -175,26 +176,42 @@ class PairDataset(torch.utils.data.Dataset):
         except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt image: skip and count
             log.debug("skipping %s: %s", pair.source, exc)
             return None
-        return resize_center_crop(image, *self.targets[index]), pair.caption
+        pixels = resize_center_crop(image, *self.targets[index])
+        return pixels, pair.caption, crop_sizes(image.size, *self.targets[index])
+
+
+def cover_crop(size, width, height):
+    """(resized (w, h), left, top): an image of `size` (w, h) resized to cover width x height, then center-cropped
+    from (left, top) of the resized image."""
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return resized, (resized[0] - width) // 2, (resized[1] - height) // 2
+
+
+def crop_sizes(size, width, height):
+    """The size conditioning of an image of `size` (w, h) cropped to width x height: [original height, width, crop
+    top, left, target height, width], SDXL's time-id order; the crop offset in the resized image, as diffusers'
+    SDXL training scripts record it."""
+    _, left, top = cover_crop(size, width, height)
+    return torch.tensor([size[1], size[0], top, left, height, width])
 
 
 def resize_center_crop(image, width, height=None):
     """Resize to cover width x height (square without height), center-crop, to a [3, H, W] tensor in [-1, 1]."""
     height = width if height is None else height
-    scale = max(width / image.size[0], height / image.size[1])
-    size = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
+    size, left, top = cover_crop(image.size, width, height)
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
     image = image.crop((left, top, left + width, top + height))
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def collate(samples):
-    """Stack the readable samples; count the skipped ones in the batch ('skipped')."""
+    """Stack the readable samples (pixels, captions, sizes); count the skipped ones in the batch ('skipped')."""
     good = [s for s in samples if s is not None]
     pixels = torch.stack([s[0] for s in good]) if good else torch.zeros(0)
-    return {"pixels": pixels, "captions": [s[1] for s in good], "skipped": len(samples) - len(good)}
+    sizes = torch.stack([s[2] for s in good]) if good else torch.zeros(0, 6, dtype=torch.long)
+    return {"pixels": pixels, "captions": [s[1] for s in good], "sizes": sizes, "skipped": len(samples) - len(good)}
 
 
 def batch_indices(num_items, batch_size, rank, world_size, seed, start_batch=0):

@@ -11,6 +11,7 @@ from experiments.world import teacher as world_teacher
 from scott_core.schedule import alphas_cumprod
 from training.config import DEMO_TEACHER
 from training.data import scenes
+from training.models.family import SD15
 from training.models.teacher import check_teacher_path, load_teacher
 
 MODEL_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
@@ -35,12 +36,13 @@ def latent_size(teacher, resolution=scenes.SIZE):
 
 
 def test_quick_teacher_is_an_sd15_family_folder(quick_teacher):
-    assert check_teacher_path(quick_teacher) == "sd15"
+    assert check_teacher_path(quick_teacher) is SD15
     teacher = load_teacher(quick_teacher)
     assert latent_size(teacher) == 16 == teacher.unet.config.sample_size
     assert teacher.unet.dtype == torch.float32
-    assert teacher.unet.config.cross_attention_dim == teacher.text_encoder.config.hidden_size
-    assert teacher.tokenizer.vocab_size == teacher.text_encoder.config.vocab_size == 49408
+    (text_encoder,), (tokenizer,) = teacher.text_encoders, teacher.tokenizers
+    assert teacher.unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert tokenizer.vocab_size == text_encoder.config.vocab_size == 49408
     assert teacher.vae.config.scaling_factor != 1.0  # measured from the latents, not the default
 
 
