@@ -172,3 +172,25 @@ def test_both_modes_train_and_export_an_sdxl_lora(mode, tiny_xl_teacher, tiny_da
     assert all(k.startswith("lora_unet_") for k in keys) and any(u.abs().max() > 0 for u in ups)  # it trained
     assert sorted(p.name for p in (tmp_path / mode / "validation").iterdir()) == ["step_0000001.png",
                                                                                   "step_0000002.png"]
+
+
+def test_datafree_images_are_the_sdxl_pipelines_own(tiny_xl_teacher, tmp_path):
+    import numpy as np
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+    from PIL import Image
+
+    from training.config import DistillConfig
+    from training.data.synth import synthesize_run
+
+    cfg = DistillConfig(teacher=str(tiny_xl_teacher), output=str(tmp_path), synth_images=2, synth_steps=3,
+                        synth_cfg=4.0, resolution=16, seed=5).resolved()
+    folder, made = synthesize_run(cfg, load_teacher(tiny_xl_teacher), ["a red circle", "a blue square"], "cpu")
+    reference = StableDiffusionXLPipeline.from_pretrained(str(tiny_xl_teacher), add_watermarker=False)
+    reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config,
+                                                                  algorithm_type="dpmsolver++", solver_order=2)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        expected = reference(prompt, num_inference_steps=3, guidance_scale=4.0, height=16, width=16,
+                             generator=torch.Generator().manual_seed(5 + i)).images[0]
+        drawn = Image.open(folder / f"{i:06d}.png")
+        assert np.abs(np.asarray(drawn, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+    assert made == 2
