@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from scott_core.schedule import alphas_cumprod
-from training.config import DEMO_DEFAULTS, demo_teacher
+from training.config import DEMO_DEFAULTS, DEMO_NAMES, demo_teacher
 from training.data import scenes
 from training.data.synth import save_pair, teacher_pipeline
-from training.models.conditioning import Conditioning
-from training.models.teacher import load_teacher, tokenize
+from training.models.family import square_sizes
+from training.models.teacher import encode_captions, load_teacher
 from training.validation import consistency_sample, decode
 
 NO_ADV = ("--adv-weight", "0")
@@ -96,13 +96,13 @@ def distill(lora, argv):
     return lora
 
 
-def load_pipeline(lora=None, teacher="demo"):
-    """The teacher's (default: the demo one's) DPM-Solver++ 2M pipeline (training.data.synth.teacher_pipeline; fp32,
-    CPU), with `lora` loaded if given."""
-    pipe = teacher_pipeline(load_teacher(demo_teacher() if teacher == "demo" else teacher))
+def load_student(lora=None, teacher="demo"):
+    """The teacher (default: the demo one; 'demo-xl' the SDXL-family one; fp32, CPU) with `lora` loaded into its UNet
+    by its diffusers pipeline's load_lora_weights, if given."""
+    model = load_teacher(demo_teacher(teacher) if teacher in DEMO_NAMES else teacher)
     if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    return pipe
+        teacher_pipeline(model).load_lora_weights(str(lora))
+    return model
 
 
 def initial_noise(count, seed, shape):
@@ -111,23 +111,29 @@ def initial_noise(count, seed, shape):
 
 
 @torch.no_grad()
-def student_images(pipe, captions, steps, seed, batch=100):
-    """uint8 HWC images from the LoRA student: multi-step consistency sampling (gamma 1), no CFG."""
+def student_images(model, captions, steps, seed, batch=100):
+    """uint8 HWC images from the LoRA student (a loaded teacher, load_student): multi-step consistency sampling
+    (gamma 1), no CFG, the captions encoded as the trainer encodes them (with the family's size conditioning of an
+    uncropped world image)."""
     ab = alphas_cumprod()
-    latent = pipe.unet.config.sample_size
-    noise = initial_noise(len(captions), seed, (pipe.unet.config.in_channels, latent, latent))
+    latent = model.unet.config.sample_size
+    noise = initial_noise(len(captions), seed, (model.unet.config.in_channels, latent, latent))
     out = []
     for start in range(0, len(captions), batch):
-        cond = Conditioning(pipe.text_encoder(tokenize(pipe.tokenizer, captions[start : start + batch]))[0])
+        chunk = captions[start : start + batch]
+        sizes = square_sizes(scenes.SIZE, scenes.SIZE, len(chunk))
+        cond = model.family.conditioned(encode_captions(model, chunk), sizes)
         generator = torch.Generator().manual_seed(seed * 7919 + start)
-        x0 = consistency_sample(pipe.unet, cond, noise[start : start + batch], steps, ab, 1.0, generator)
-        out.append(decode(pipe.vae, x0))
+        x0 = consistency_sample(model.unet, cond, noise[start : start + batch], steps, ab, 1.0, generator)
+        out.append(decode(model.vae, x0))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def teacher_images(pipe, captions, seed, batch=100):
-    """uint8 HWC images from the teacher: DPM-Solver++ 2M, 25 steps, cfg 7.5, from the shared initial noise."""
+def teacher_images(model, captions, seed, batch=100):
+    """uint8 HWC images from the teacher: DPM-Solver++ 2M, 25 steps, cfg 7.5, from the shared initial noise, its
+    family's pipeline."""
+    pipe = teacher_pipeline(model)
     latent = pipe.unet.config.sample_size
     noise = initial_noise(len(captions), seed, (pipe.unet.config.in_channels, latent, latent))
     out = []
@@ -312,17 +318,17 @@ class Grid:
             return True
         captions = self.captions()
         if arm == "teacher":
-            pipe = load_pipeline(None, self.teacher)
-            self.score(arm, seed, TEACHER_STEPS, teacher_images(pipe, captions, seed), captions)
+            model = load_student(None, self.teacher)
+            self.score(arm, seed, TEACHER_STEPS, teacher_images(model, captions, seed), captions)
             return True
         lora = self.lora(arm, seed)
         if arm != "nolora":
             argv = distill_argv(self.world, arm, seed, lora.parent, self.max_steps, self.train_images, self.teacher)
             distill(lora, argv)
-        pipe = load_pipeline(None if arm == "nolora" else lora, self.teacher)
+        model = load_student(None if arm == "nolora" else lora, self.teacher)
         for steps in self.steps_of(arm):
             if not self.score_file(arm, seed, steps).is_file():
-                self.score(arm, seed, steps, student_images(pipe, captions, steps, seed), captions)
+                self.score(arm, seed, steps, student_images(model, captions, steps, seed), captions)
         return True
 
     def raw(self, arms, seeds):
@@ -413,7 +419,8 @@ def main(argv=None):
     parser.add_argument("--docs", default="docs", help="where the results JSON, table and PNG strips go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")
     parser.add_argument("--teacher", default="demo", help="the teacher folder every arm distils (default: the demo "
-                        "teacher; the diverse world's: experiments/world/assets/diverse_teacher)")
+                        "teacher; demo-xl: the SDXL-family demo teacher; the diverse world's: "
+                        "experiments/world/assets/diverse_teacher)")
     parser.add_argument("--max-steps", type=int, default=300, help="the training budget of every LoRA")
     parser.add_argument("--train-images", type=int, default=4000, help="world images each LoRA trains on")
     parser.add_argument("--n-eval", type=int, default=1000, help="captions (and real images) per evaluation set")

@@ -84,17 +84,15 @@ def teacher_pipeline(teacher):
     """The family's diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) over the teacher's
     modules with DPM-Solver++ 2M on the teacher's own scheduler config (timestep spacing included), no safety
     checker or watermark: the one teacher sampler of synthesis, evaluation and the world."""
-    import diffusers
+    from diffusers import DPMSolverMultistepScheduler
 
-    family = teacher.family
-    scheduler = diffusers.DPMSolverMultistepScheduler.from_pretrained(
+    from ..models.teacher import family_pipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(
         str(teacher.scheduler_config), algorithm_type="dpmsolver++", solver_order=2
     )
-    pipe = getattr(diffusers, family.pipeline)(
-        vae=teacher.vae, unet=teacher.unet, scheduler=scheduler,
-        **dict(zip(family.text_encoders, teacher.text_encoders)), **dict(zip(family.tokenizers, teacher.tokenizers)),
-        **family.pipeline_kwargs,
-    )
+    pipe = family_pipeline(teacher.family, teacher.vae, teacher.unet, teacher.text_encoders, teacher.tokenizers,
+                           scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -214,17 +214,33 @@ def tokenize(tokenizer, captions):
     ).input_ids
 
 
-@torch.no_grad()
-def encode_captions(teacher, captions):
-    """The captions' Conditioning as the family's pipeline encodes a prompt (no time ids): each text encoder's
-    last hidden states after the final norm (SD1.5) or penultimate hidden states (SDXL: CLIP-L's and bigG's
-    concatenated), and SDXL's pooled embedding (bigG's projected pooled output); in the encoders' dtype, where
-    they are."""
-    family = teacher.family
+def encode_tokens(family, encoders, token_ids):
+    """The Conditioning of token ids (one [B, 77] tensor per text encoder) as the family's pipeline encodes a prompt
+    (no time ids): each encoder's last hidden states after the final norm (SD1.5) or penultimate hidden states (SDXL:
+    CLIP-L's and bigG's concatenated), and SDXL's pooled embedding (bigG's projected pooled output); in the
+    encoders' dtype, where they are; with grad where the caller has it (a teacher being trained)."""
     states, pooled = [], None
-    for name, encoder, tokenizer in zip(family.text_encoders, teacher.text_encoders, teacher.tokenizers):
-        out = encoder(tokenize(tokenizer, captions).to(encoder.device), output_hidden_states=family.penultimate)
+    for name, encoder, ids in zip(family.text_encoders, encoders, token_ids):
+        out = encoder(ids.to(encoder.device), output_hidden_states=family.penultimate)
         states.append(out.hidden_states[-2] if family.penultimate else out[0])
         if name == family.pooled_from:
             pooled = out[0]
     return Conditioning(torch.cat(states, dim=-1), pooled)
+
+
+@torch.no_grad()
+def encode_captions(teacher, captions):
+    """The captions' Conditioning from the teacher's tokenizers and frozen text encoders (encode_tokens)."""
+    ids = [tokenize(tokenizer, captions) for tokenizer in teacher.tokenizers]
+    return encode_tokens(teacher.family, teacher.text_encoders, ids)
+
+
+def family_pipeline(family, vae, unet, text_encoders, tokenizers, scheduler):
+    """The family's diffusers pipeline over these modules, with its pipeline_kwargs (no safety checker or
+    watermark)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline)(
+        vae=vae, unet=unet, scheduler=scheduler, **dict(zip(family.text_encoders, text_encoders)),
+        **dict(zip(family.tokenizers, tokenizers)), **family.pipeline_kwargs,
+    )
