@@ -165,12 +165,16 @@ def text_models(size, tokenizers, family):
                  for name, dim, tokenizer in zip(family.text_encoders, dims, tokenizers))
 
 
-def initial_models(init, size, family):
-    """(tokenizers, vae, unet, text encoders): new ones of `size` for `family`, or those of the saved teacher `init`
-    (fp32; its family must be `family`), its UNet and text encoders trainable."""
+def initial_models(init, size, family, vae_from=None):
+    """(tokenizers, vae, unet, text encoders): new ones of `size` for `family` (the VAE of the saved teacher
+    `vae_from` if given), or those of the saved teacher `init` (fp32; its family must be `family`), its UNet and text
+    encoders trainable."""
     if init is None:
+        from diffusers import AutoencoderKL
+
         tokenizers = load_tokenizers(family)
-        return tokenizers, vae_model(size), unet_model(size, family), text_models(size, tokenizers, family)
+        vae = vae_model(size) if vae_from is None else AutoencoderKL.from_pretrained(str(Path(vae_from) / "vae"))
+        return tokenizers, vae.float(), unet_model(size, family), text_models(size, tokenizers, family)
     teacher = load_teacher(init)
     if teacher.family is not family:
         raise SystemExit(f"--init {init} is an {teacher.family.name} teacher; give --family {teacher.family.name}")
@@ -406,6 +410,7 @@ def describe(args, size, models, phases, scale, mb):
     command = f"python -m experiments.world.teacher --out {args.out} --minutes {args.minutes:g} --lr {args.lr:g}"
     command += f" --seed {args.seed} --world {args.world} --family {args.family}"
     command += f" --init {args.init}" if args.init else ""
+    command += f" --vae-from {args.vae_from}" if args.vae_from else ""
     command += " --quick" if args.quick else ""
     vae_text = (
         f"(1 / std of sampled latents over the pool); {len(vae_losses)} steps at batch {size['vae_batch']} in\n"
@@ -415,15 +420,16 @@ def describe(args, size, models, phases, scale, mb):
     prompts_text = f"validation captions for `--teacher {demo}` grids"
     if args.world != "shapes":
         prompts_text = f"validation captions: the first {len(PROMPTS)} of the pool's {args.world} captions"
+    if args.init or args.vae_from:
+        vae_text = f"(and the VAE itself) taken from `{args.init or args.vae_from}`, not trained here."
     if args.init:
-        vae_text = f"(and the VAE itself) kept from `{args.init}`, not trained here."
         title = f"{args.world.capitalize()}-world teacher"
         origin = f"fine-tuned from the teacher in `{args.init}` (its VAE kept) on the {args.world} world's captions"
     else:
-        title, origin = f"Shapes-world {demo} teacher", (
-            f"trained from scratch on the procedural shapes world; the teacher of "
-            f"`python -m training.distill --teacher {demo}`"
-        )
+        title, origin = f"Shapes-world {demo} teacher", "trained from scratch on the procedural shapes world"
+        origin += f" (its VAE taken from `{args.vae_from}`)" if args.vae_from else ""
+        origin += f"; the teacher of `python -m training.distill --teacher {demo}`"
+    vae_channels = tuple(models["vae"].config.block_out_channels)
     dims = size["text_dims"][family.name]
     encoders = " and ".join(f"{size['text_layers']} layers x {dim}" for dim in dims)
     xl = XL_TEXT.format(dims=" + ".join(map(str, dims)), time_dim=size["time_dim"]) if family.time_ids else ""
@@ -435,7 +441,7 @@ A tiny {family.core.display_name}-family pipeline (diffusers folder, fp16), {ori
 Made by `{command}` (`torch.set_num_threads({torch.get_num_threads()})`).
 
 - Parameters: {counts}; {mb:.1f} MB on disk.
-- VAE: block_out_channels {size["vae_channels"]}, 16x16x4 latents at 64 px, scaling_factor {scale:.4f}
+- VAE: block_out_channels {vae_channels}, 16x16x4 latents at 64 px, scaling_factor {scale:.4f}
   {vae_text}
 - UNet: block_out_channels {size["unet_channels"]}, cross-attention at 8x8 and 4x4, {size["heads"]} heads;
   CLIP text model{"s" * (len(dims) > 1)} {encoders}. Trained together on the pre-encoded pool
@@ -459,6 +465,8 @@ def main(argv=None):
     parser.add_argument("--world", default="shapes", choices=scenes.WORLDS, help="whose captions to train on")
     parser.add_argument("--init", default=None, metavar="FOLDER", help="start from this saved teacher: keep its VAE "
                         "(no phase 1), train its UNet and text encoders further")
+    parser.add_argument("--vae-from", default=None, metavar="FOLDER", help="take the VAE (and latent scale) of this "
+                        "saved teacher instead of training one (no phase 1): the demo-xl teacher shares the demo's")
     parser.add_argument("--family", default="sd15", choices=sorted(FAMILIES), help="the teacher's model family "
                         "(sdxl: the demo-xl teacher, training/assets/demo_xl)")
     args = parser.parse_args(argv)
@@ -478,7 +486,7 @@ def main(argv=None):
     started = time.monotonic()
 
     family = FAMILIES[args.family]
-    tokenizers, vae, unet, encoders = initial_models(args.init, size, family)
+    tokenizers, vae, unet, encoders = initial_models(args.init, size, family, args.vae_from)
     models = {"vae": vae, "unet": unet, **dict(zip(family.text_encoders, encoders))}
     total = sum(param_count(m) for m in models.values())
     print(", ".join(f"{k} {param_count(m) / 1e6:.2f} M" for k, m in models.items()), f"({2 * total / 1e6:.1f} MB fp16)")
@@ -489,7 +497,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed + 2)
     images, sizes = size_augmented(images, generator) if family.time_ids else (images, None)
     remaining = lambda: None if seconds is None else max(1.0, seconds - (time.monotonic() - started))  # noqa: E731
-    if args.init:
+    if args.init or args.vae_from:
         vae_phase = ([], 0.0)
         latents = (*encode_pool(vae, images)[:2], vae.config.scaling_factor)  # the UNet was trained at this scale
     else:
