@@ -1,6 +1,7 @@
 """Aspect-ratio buckets: the sizes, nearest-ratio assignment, one bucket a batch, seeded order that survives resume,
 ranks without overlap, small images skipped and counted, the run-start report, a changed setting refused on resume."""
 
+import itertools
 import json
 import logging
 import math
@@ -10,10 +11,11 @@ import torch
 from PIL import Image
 
 from training.data.buckets import bucket_batch_indices, bucket_sizes, nearest_bucket
-from training.data.images import PairDataset
+from training.data.images import PairDataset, crop_sizes
 from training.distill import main
+from training.encode import batch_latents
 from training.errors import DataError
-from training.loop import train
+from training.loop import build, data_batches, train
 
 
 def test_sizes_at_512_are_kohyas():
@@ -117,9 +119,10 @@ def bucket_data(tmp_path):
 BUCKET_RUN = dict(resolution=128, buckets=True, mode="lcm", batch_size=2, checkpoint_every=1)
 
 
-def test_a_bucketed_run_reports_its_buckets_and_resumes_exactly(tiny_teacher, tmp_path, tiny_config, caplog):
+def test_a_bucketed_run_reports_its_buckets_and_resumes_exactly(family_teacher, tmp_path, tiny_config, caplog):
     data = bucket_data(tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
+    tiny_teacher = family_teacher
     with caplog.at_level(logging.INFO, logger="training"):
         train(tiny_config(tiny_teacher, data, straight, max_steps=2, **BUCKET_RUN))
     assert (
@@ -178,3 +181,20 @@ def test_only_the_users_images_are_bucketed(data, bucketed):
 
     assert uses_buckets(DistillConfig(teacher="t", data=data, resolution=64).resolved()) is bucketed
     assert not uses_buckets(DistillConfig(teacher="t", data=data, resolution=64, buckets=False).resolved())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bucketed_sdxl_batches_carry_each_images_original_size_and_crop(tiny_xl_teacher, tmp_path, tiny_config, cache):
+    # 5:2 images in the 3:1 buckets (resized to 192 x 77, 6 rows cropped off the top), squares uncropped
+    data = write_sized(tmp_path / "data", [(250, 100)] * 2 + [(100, 250)] * 2 + [(200, 200)] * 2)
+    run = build(tiny_config(tiny_xl_teacher, data, tmp_path / "out", cache_latents=cache, **BUCKET_RUN))
+    seen, crops = 0, set()
+    for batch in itertools.islice(data_batches(run, 0), 6):
+        z0, cond = batch_latents(run, batch, torch.Generator().manual_seed(0))
+        for caption, time_ids in zip(batch["captions"], cond.time_ids.tolist()):
+            width, height = (int(v) for v in caption.rsplit(" ", 1)[1].split("x"))  # "image 3 of 300x100"
+            bucket = nearest_bucket(width, height, bucket_sizes(128))
+            assert time_ids == crop_sizes((width, height), *bucket).tolist()  # original h, w, crop, target h, w
+            assert z0.shape[2:] == (bucket[1] // 2, bucket[0] // 2)
+            seen, crops = seen + 1, crops | {tuple(time_ids)}
+    assert seen == 12 and crops == {(100, 250, 6, 0, 64, 192), (250, 100, 0, 6, 192, 64), (200, 200, 0, 0, 128, 128)}

@@ -27,13 +27,15 @@ def torchrun(*args, cwd=REPO):
     )
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_ranks_end_with_identical_lora_weights(tiny_teacher, tiny_data, tmp_path, accum):
+@pytest.mark.parametrize("family, accum", [("sd15", 1), ("sd15", 2), ("sdxl", 1)])
+def test_two_ranks_end_with_identical_lora_weights(family, accum, tiny_data, tmp_path, request):
     # accum 2: the first micro-batch's two backwards (disc, student) run under no_sync, the second's sync both.
+    # sdxl: the tiny SDXL teacher's conditioning (a dataclass of tensors) through DDP's forward.
+    teacher = request.getfixturevalue({"sd15": "tiny_teacher", "sdxl": "tiny_xl_teacher"}[family])
     out = tmp_path / "out"
     out.mkdir()
     result = torchrun(
-        str(Path(__file__).parent / "ddp_worker.py"), str(tiny_teacher), str(tiny_data), str(out), str(accum)
+        str(Path(__file__).parent / "ddp_worker.py"), str(teacher), str(tiny_data), str(out), str(accum)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

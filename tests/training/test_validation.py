@@ -173,8 +173,9 @@ def test_cfg_and_negative_prompt_change_the_row_only_above_cfg_1(tiny_parts, tmp
 # --- keep-best ---
 
 
-def test_heldout_loss_is_fixed_for_a_fixed_lora_and_moves_with_training(tiny_teacher, tiny_data, tmp_path, tiny_config):
-    run = build(tiny_config(tiny_teacher, tiny_data, tmp_path / "o", validate_every=1, lr=1e-2))  # scott: SDE teacher
+def test_heldout_loss_is_fixed_for_a_fixed_lora_and_moves_with_training(family_teacher, tiny_data, tmp_path,
+                                                                        tiny_config):
+    run = build(tiny_config(family_teacher, tiny_data, tmp_path / "o", validate_every=1, lr=1e-2))  # scott: SDE
     model = run.accelerator.unwrap_model(run.model)
     held = heldout_batch(run)
     first = heldout_loss(model, held, run.uncond)
