@@ -4,9 +4,11 @@ concern, over a --config run file, over the demo's defaults for `--teacher demo`
 import argparse
 import dataclasses
 
+from scott_core.families import FAMILIES
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
 from .config import DEMO_NAMES, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, demo_defaults, flag_name
+from .data.buckets import BUCKET_DEFAULTS
 from .data.sources import METAVAR as DATA_METAVAR
 from .runfile import field_types, read_run_file
 
@@ -29,9 +31,17 @@ def _default_text(f):
     if f.name in KNOBS:
         owners = knob_owners(f.name)
         return f" (default: {SOLVERS[owners[0]].knobs[f.name]:g} with --solver {' / '.join(owners)}; unset otherwise)"
+    if f.name in BUCKET_DEFAULTS or f.name == "resolution":
+        by_family = (f"{family.display_name} {family_default(family, f.name)}" for family in FAMILIES.values())
+        return " (default: by the teacher's family: " + ", ".join(by_family) + ")"
     if f.name in MODE_DEFAULTS["scott"]:
         return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
     return f" (default: {f.default})"
+
+
+def family_default(family, name):
+    """A scott_core Family's default of 'resolution', 'min_bucket_reso' or 'max_bucket_reso'."""
+    return dict(resolution=family.default_resolution, **dict(zip(BUCKET_DEFAULTS, family.bucket_range)))[name]
 
 
 def build_parser():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
-from .data.buckets import STEP, bucketable
+from .data.buckets import BUCKET_DEFAULTS, STEP, bucketable
 from .data.sources import WORLD_PREFIX, DataSource, parse_source
 from .errors import UserError
 
@@ -144,15 +144,28 @@ class DataOptions:
     resolution: int = _opt(
         None,
         "training resolution in pixels: images go to aspect-ratio buckets of about resolution^2 pixels (a multiple "
-        "of 64), or with --no-buckets are resized and center-cropped to resolution^2 (a multiple of 8); default: "
-        "the teacher family's (SD1.5 512, SDXL 1024)",
+        "of 64), or with --no-buckets are resized and center-cropped to resolution^2 (a multiple of 8)",
         range=Range(8, multiple=8),
     )
     buckets: bool = _opt(
         True,
-        "aspect-ratio buckets for image folders and .tar shards: sides multiples of 64, each image resized and "
-        "center-cropped to the bucket nearest its aspect ratio, one bucket per batch (kohya style); images with a "
-        "side under the smallest bucket's are skipped; world and data-free images stay square",
+        "aspect-ratio buckets for image folders and .tar shards, by kohya sd-scripts' rules: sizes of at most "
+        "resolution^2 pixels with sides multiples of 64 from --min-bucket-reso to --max-bucket-reso, each image "
+        "resized to cover the bucket nearest its aspect ratio and center-cropped, one bucket per batch; world and "
+        "data-free images stay square",
+    )
+    min_bucket_reso: int = _opt(
+        None, "shortest bucket side in pixels (kohya's --min_bucket_reso), at most --resolution",
+        range=Range(STEP, multiple=STEP),
+    )
+    max_bucket_reso: int = _opt(
+        None, "longest bucket side in pixels (kohya's --max_bucket_reso), at least --resolution",
+        range=Range(STEP, multiple=STEP),
+    )
+    bucket_upscale: bool = _opt(
+        True,
+        "resize an image smaller than its bucket up to cover it (kohya's default); --no-bucket-upscale skips it "
+        "instead and lists it in <output>/skipped.txt",
     )
     cache_latents: bool = _opt(
         True,
@@ -337,8 +350,10 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         values = dataclasses.asdict(self)
         if self.teacher in DEMO_NAMES:
             values["teacher"] = str(demo_teacher(self.teacher))
-        if values["resolution"] is None:
-            values["resolution"] = teacher_resolution(values["teacher"], self.trust_ckpt)
+        family = teacher_family(values["teacher"], self.trust_ckpt)
+        for key, value in (("resolution", family.core.default_resolution), *family_bucket_defaults(family)):
+            if values[key] is None:
+                values[key] = value
         for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
@@ -456,14 +471,18 @@ def demo_defaults(name):
     return {**DEMO_DEFAULTS, "output": f"runs/{name}", "validation_prompts": str(folder / "prompts.txt")}
 
 
-def teacher_resolution(teacher, trust_ckpt=False):
-    """The default resolution of the teacher's family (its refusal if it is refused); SD1.5's for a path that does
-    not exist (the run stops at the teacher check before any training)."""
+def teacher_family(teacher, trust_ckpt=False):
+    """The teacher's ModelFamily, whose defaults fill the resolution and bucket range left unset (its refusal if it is
+    refused); SD1.5's for a path that does not exist (the run stops at the teacher check before any training)."""
     from .models.family import SD15
     from .models.teacher import check_teacher_path
 
-    family = check_teacher_path(teacher, trust_ckpt) if Path(teacher).exists() else SD15
-    return family.core.default_resolution
+    return check_teacher_path(teacher, trust_ckpt) if Path(teacher).exists() else SD15
+
+
+def family_bucket_defaults(family):
+    """(flag field, value) of the family's bucket range (SD1.5: kohya's 256..1024, SDXL: 512..2048)."""
+    return tuple(zip(BUCKET_DEFAULTS, family.core.bucket_range))
 
 
 def flag_name(name):

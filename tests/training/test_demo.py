@@ -11,10 +11,12 @@ from training.errors import UserError
 
 @pytest.fixture
 def shipped_demo(tmp_path, monkeypatch):
-    """A stand-in demo folder (only its index matters to config resolution)."""
+    """A stand-in demo folder (only its index and UNet config matter to config resolution)."""
     folder = tmp_path / "demo"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text("{}")  # an SD1.5-family UNet config, as far as detection reads
     monkeypatch.setattr(config, "DEMO_TEACHER", folder)
     return folder
 

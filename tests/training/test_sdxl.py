@@ -194,3 +194,17 @@ def test_datafree_images_are_the_sdxl_pipelines_own(tiny_xl_teacher, tmp_path):
         drawn = Image.open(folder / f"{i:06d}.png")
         assert np.abs(np.asarray(drawn, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     assert made == 2
+
+
+def test_an_sdxl_teacher_defaults_to_1024_px_and_sdxl_buckets(tiny_xl_teacher, tiny_teacher, tmp_path):
+    from training.config import DistillConfig
+    from training.data.buckets import bucket_sizes
+
+    xl = DistillConfig(teacher=str(tiny_xl_teacher), data=str(tmp_path)).resolved()
+    sd15 = DistillConfig(teacher=str(tiny_teacher), data=str(tmp_path)).resolved()
+    assert (xl.resolution, xl.min_bucket_reso, xl.max_bucket_reso) == (1024, 512, 2048)
+    assert (sd15.resolution, sd15.min_bucket_reso, sd15.max_bucket_reso) == (512, 256, 1024)  # kohya's, as before
+    # SDXL's own multi-aspect buckets (the SDXL report's appendix) are among kohya's sizes at 1024 over 512..2048
+    sdxl_buckets = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                    (1536, 640), (640, 1536)]
+    assert set(sdxl_buckets) <= set(bucket_sizes(1024, 512, 2048))
