@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from public_sdxl_loras import LCM_TARGETS
 from scott_fixtures import (
     LORA_ALPHA,
     LORA_RANK,
@@ -105,24 +106,6 @@ SCHEDULER = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
-# The modules LCM-LoRA-SDXL, DMD2, PCM (and, by its module count, SDXL-Lightning) adapt: peft target_modules of
-# luosiallen/latent-consistency-model LCM_Training_Script/consistency_distillation/train_lcm_distill_lora_sdxl_wds.py.
-LCM_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
 TE_PATHS = [f"text_model.encoder.layers.{i}.{p}" for i in (0, 10) for p in ("self_attn.q_proj", "mlp.fc2")]
 LORA_FORMATS = ("kohya", "kohya_ldm", "diffusers", "peft")
 LORA_METADATA = {"scott.steps": "2", "scott.gamma": "0.3", "scott.cfg": "1.0"}
@@ -182,8 +165,8 @@ def bigg_shapes(layers=32, width=1280, heads_mlp=5120, vocab=49408, positions=77
 
 
 def lora_modules(unet_sd):
-    """{(part, diffusers path): (down, up)}: every LCM_TARGETS module of the fixture UNet and TE_PATHS of both
-    text encoders, rank LORA_RANK, from one seeded generator."""
+    """{(part, diffusers path): (down, up)}: every module of the fixture UNet that LCM-LoRA-SDXL, DMD2 and PCM adapt
+    (public_sdxl_loras.LCM_TARGETS) and TE_PATHS of both text encoders, rank LORA_RANK, from one seeded generator."""
     import comfy.utils
 
     g = torch.Generator().manual_seed(SDXL_SEED + 7)
