@@ -4,6 +4,8 @@ to W + strength * alpha / rank * up @ down; the public few-step SDXL LoRAs' key 
 module to a layer of a full-size SDXL of the right shape; a LoRA of the other family and a v-prediction SDXL are
 refused in one line naming both."""
 
+import math
+
 import pytest
 import torch
 from graphs import base, empty_latent, ksampler
@@ -158,8 +160,12 @@ def full_size_sdxl(comfy_modules):
     return key_map, shapes, to_ldm
 
 
-def test_the_lcm_target_set_is_the_788_modules_lightning_documents():
-    assert len(sdxl_unet_modules()) == 788
+def test_the_lcm_target_set_has_the_size_lcm_lora_and_lightning_document():
+    """788 modules (SDXL-Lightning's re-pack card) and 196.75 M parameters at rank 64 (LCM-LoRA-SDXL's model card:
+    197 M), counted on diffusers' full-size SDXL UNet."""
+    modules = sdxl_unet_modules()
+    params = sum(64 * (shape[0] + math.prod(shape[1:])) for shape in modules.values())
+    assert len(modules) == 788 and round(params / 1e6) == 197
 
 
 @pytest.mark.parametrize(
