@@ -32,18 +32,17 @@ CASES = {
     "lcm1": ("ksampler", "lcm", dict(steps=1, gamma=1.0)),
     "lcm4": ("ksampler", "lcm", dict(steps=4, gamma=1.0)),
     "lcm4_custom": ("custom", "lcm", dict(steps=4, gamma=1.0)),
-    "lcm4_cfg": ("ksampler", "lcm", dict(steps=4, gamma=1.0, cfg=1.5)),
+    "lcm2_cfg": ("ksampler", "lcm", dict(steps=2, gamma=1.0, cfg=1.5)),
     "tcd0": ("ksampler", "tcd", dict(steps=4, gamma=0.0)),
-    "tcd0_custom": ("custom", "tcd", dict(steps=4, gamma=0.0)),
-    "tcd3": ("ksampler", "tcd", dict(steps=4, gamma=0.3)),
     "tcd3_custom": ("custom", "tcd", dict(steps=4, gamma=0.3)),
     "img_lcm": ("ksampler", "lcm", dict(steps=2, gamma=1.0, denoise=0.6)),
     "img_lcm_custom": ("custom", "lcm", dict(steps=2, gamma=1.0, denoise=0.6)),
-    "img_tcd3": ("ksampler", "tcd", dict(steps=4, gamma=0.3, denoise=0.5)),
+    "img_tcd3": ("ksampler", "tcd", dict(steps=2, gamma=0.3, denoise=0.5)),
     # published recipes through SCott Scheduler's explicit timesteps (docs/nodes_sdxl.md)
     "dmd2": ("custom", "lcm", dict(gamma=1.0, timesteps="999, 749, 499, 249")),
     "hyper_800": ("custom", "lcm", dict(gamma=1.0, timesteps="800")),
-    "lightning4": ("custom", "euler_trailing", dict(steps=4, gamma=0.0, timesteps="999, 749, 499, 249")),
+    "lightning2": ("custom", "euler_trailing", dict(steps=2, gamma=0.0, timesteps="999, 499")),
+    "hyper_ddim2": ("custom", "ddim_trailing", dict(steps=2, gamma=0.0, timesteps="999, 499")),
 }
 
 
@@ -96,12 +95,17 @@ def diffusers_pipe(fixture_paths):
 
 
 @pytest.fixture(scope="module")
-def references(diffusers_pipe, start_latent):
-    """{case: diffusers' latent} (output_type="latent": the sampler's scaled latent space); the prompt and the empty
-    negative prompt encoded once by the pipeline's encode_prompt."""
+def prompt_embeds(diffusers_pipe):
+    """The prompt and the empty negative prompt, encoded once by the pipeline's encode_prompt."""
     embeds = diffusers_pipe.encode_prompt(PROMPT_TEXT, negative_prompt="", do_classifier_free_guidance=True)
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    prompt, done = dict(zip(names, embeds)), {}
+    return dict(zip(names, embeds))
+
+
+@pytest.fixture(scope="module")
+def references(diffusers_pipe, prompt_embeds, start_latent):
+    """{case: diffusers' latent} (output_type="latent": the sampler's scaled latent space)."""
+    prompt, done = prompt_embeds, {}
     for _, kind, settings in CASES.values():  # the KSampler and SamplerCustom twins share one reference
         key = (kind, tuple(sorted(settings.items())))
         if key not in done:
@@ -110,18 +114,20 @@ def references(diffusers_pipe, start_latent):
 
 
 def scheduler(kind, config):
-    from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     if kind == "euler_trailing":  # SDXL-Lightning's published sampler (its model card)
         return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if kind == "ddim_trailing":  # Hyper-SD's N-step LoRAs' (and PCM's card's) sampler, eta 0
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)
     return {"lcm": LCMScheduler, "tcd": TCDScheduler}[kind].from_config(config)
 
 
 def pipeline_kwargs(kind, settings):
-    """The node settings as pipeline arguments: timesteps (LCM, TCD; Euler takes its own trailing ones) or steps,
-    TCD's eta = gamma, guidance_scale = cfg (1: no guidance, as ComfyUI's cfg 1)."""
+    """The node settings as pipeline arguments: timesteps (LCM, TCD; Euler and DDIM take their own trailing ones)
+    or steps, TCD's eta = gamma, guidance_scale = cfg (1: no guidance, as ComfyUI's cfg 1)."""
     kwargs = dict(guidance_scale=settings.get("cfg", 1.0), eta=settings["gamma"] if kind == "tcd" else 0.0)
-    if "timesteps" in settings and kind != "euler_trailing":
+    if "timesteps" in settings and kind not in ("euler_trailing", "ddim_trailing"):
         kwargs["timesteps"] = schedule.parse_timesteps(settings["timesteps"])
     else:
         kwargs["num_inference_steps"] = settings["steps"]
@@ -131,9 +137,9 @@ def pipeline_kwargs(kind, settings):
 def diffusers_reference(pipe, prompt, start_latent, kind, settings):
     """The pipeline's latent for one case, from the start ComfyUI samples from (comfy_start) and step noise from a
     generator seeded SEED (ComfyUI's sampler seeds its own noise stream with the same seed); img2img at the
-    timesteps of set_timesteps(steps, strength=denoise) (SCott Scheduler's denoise rule). TCD's last step (and
-    DDIM's) returns x0 re-noised to t = 0, where SCott and LCM return x0: for TCD the reference is the x0 of
-    TCDScheduler's last step (its pred_original_sample)."""
+    timesteps of set_timesteps(steps, strength=denoise) (SCott Scheduler's denoise rule). TCD's and DDIM's last
+    step returns x0 re-noised to t = 0, where SCott and LCM return x0: for them the reference is the x0 of the
+    scheduler's last step (its pred_original_sample)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     kwargs = pipeline_kwargs(kind, settings)
@@ -152,12 +158,12 @@ def diffusers_reference(pipe, prompt, start_latent, kind, settings):
         if kind == "euler_trailing":  # k-diffusion x = z * sqrt(1 + sigma^2), handed over divided by its own scale
             z = z * (1 + sigma_at(timesteps[0]) ** 2).sqrt() / pipe.scheduler.init_noise_sigma
         out = pipe(height=SIZE, width=SIZE, latents=z, **common).images
-    return last_x0() if kind == "tcd" else out
+    return last_x0() if kind in ("tcd", "ddim_trailing") else out
 
 
 def reference_timesteps(diffusers_scheduler, kind, kwargs, denoise):
     """The timesteps the scheduler samples for these arguments (LCM and TCD take img2img strength)."""
-    if kind == "euler_trailing":
+    if kind in ("euler_trailing", "ddim_trailing"):
         diffusers_scheduler.set_timesteps(kwargs["num_inference_steps"])
     else:
         diffusers_scheduler.set_timesteps(
@@ -192,7 +198,8 @@ def sigma_at(timestep):
 
 def record_last_x0(diffusers_scheduler):
     """Wrap the scheduler's step to keep its last call; returns a function giving that step's x0
-    (sample - sqrt(1 - ab_t) eps) / sqrt(ab_t), TCDScheduler.step's pred_original_sample for eps models."""
+    (sample - sqrt(1 - ab_t) eps) / sqrt(ab_t), TCDScheduler's and DDIMScheduler's pred_original_sample for eps
+    models."""
     calls, step = [], diffusers_scheduler.step
 
     @functools.wraps(step)  # the pipeline passes eta and generator only to a step whose signature names them
@@ -220,12 +227,12 @@ def test_sdxl_nodes_match_diffusers(node_results, references, case):
 
 def test_the_cases_differ_from_each_other(node_results):
     """Each setting changes the result (the comparison above could not pass with a sampler that ignored it)."""
-    pairs = [("lcm1", "lcm4"), ("lcm4", "lcm4_cfg"), ("tcd0", "tcd3"), ("lcm4", "tcd3"), ("img_lcm", "lcm4")]
+    pairs = [("lcm1", "lcm4"), ("lcm4", "tcd0"), ("tcd0", "tcd3_custom"), ("img_lcm", "img_tcd3"), ("dmd2", "lcm4")]
     for a, b in pairs:
         assert (node_results[a] - node_results[b]).abs().max() > 1e-2, (a, b)
 
 
-def test_the_text_conditioning_equals_diffusers_encode_prompt(comfy, fixture_paths, diffusers_pipe):
+def test_the_text_conditioning_equals_diffusers_encode_prompt(comfy, fixture_paths, diffusers_pipe, prompt_embeds):
     """ComfyUI's SDXL CLIP (CLIP-L penultimate layer ++ bigG penultimate layer, bigG's projected pooled output) with
     SCott LoRA Loader's kohya lora_te1_/lora_te2_ modules equals diffusers' encode_prompt on the same weights with
     the diffusers-format file's text_encoder./text_encoder_2. modules merged by hand (W += alpha / rank * B @ A).
@@ -245,7 +252,7 @@ def test_the_text_conditioning_equals_diffusers_encode_prompt(comfy, fixture_pat
     assert cond.shape == embeds.shape == (1, 77, 2048) and pooled.shape == pooled_ref.shape == (1, 1280)
     assert (cond - embeds).abs().max() <= TOLERANCE * max(1.0, float(embeds.abs().max()))
     assert (pooled - pooled_ref).abs().max() <= TOLERANCE * max(1.0, float(pooled_ref.abs().max()))
-    plain, plain_pooled = diffusers_pipe.encode_prompt(PROMPT_TEXT, do_classifier_free_guidance=False)[::2]
+    plain, plain_pooled = prompt_embeds["prompt_embeds"], prompt_embeds["pooled_prompt_embeds"]  # without the LoRA
     assert (plain - embeds).abs().max() > 1e-2 and (plain_pooled - pooled_ref).abs().max() > 1e-2
 
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from graphs import base, empty_latent, ksampler
 from public_sdxl_loras import LAYOUTS, PUBLIC_LORAS, SDXL_UNET_CONFIG, sdxl_unet_modules, state_dict
 from safetensors.torch import load_file
 from sdxl_fixtures import LORA_FORMATS, LORA_METADATA
@@ -109,16 +108,24 @@ VPRED = (
 )
 
 
-def test_a_vpred_ztsnr_sdxl_is_refused_by_name_in_the_loader_and_the_samplers(comfy, fixture_paths):
-    """The SDXL UNet with ComfyUI's v_pred + ztsnr marker keys, through UNETLoader, as NoobAI's v-pred files load."""
-    prompt, _, _ = base(fixture_paths["sdxl_checkpoint"].name)
-    prompt["unet"] = {
-        "class_type": "UNETLoader",
-        "inputs": {"unet_name": fixture_paths["sdxl_vpred_unet"].name, "weight_dtype": "default"},
+def test_a_vpred_ztsnr_sdxl_is_refused_by_name_in_the_samplers_and_the_loader(comfy, fixture_paths):
+    """The SDXL UNet with ComfyUI's v_pred + ztsnr marker keys, through UNETLoader, as NoobAI's v-pred files load;
+    SCott Scheduler (the check SCott KSampler shares) and SCott LoRA Loader refuse it."""
+    prompt = {
+        "unet": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": fixture_paths["sdxl_vpred_unet"].name, "weight_dtype": "default"},
+        },
+        "sigmas": {
+            "class_type": "ScottScheduler",
+            "inputs": {"model": ["unet", 0], "steps": 2, "denoise": 1.0, "timesteps": ""},
+        },
+        "show": {"class_type": "PreviewAny", "inputs": {"source": ["sigmas", 0]}},
     }
-    ksampler(prompt, "vpred", ["unet", 0], empty_latent(prompt), seed=5)
     result = comfy.run(prompt)
-    assert not result["ok"] and result["error"]["exception_message"].strip() == f"SCott KSampler: {VPRED}"
+    assert not result["ok"] and result["error"]["exception_message"].strip() == f"SCott Scheduler: {VPRED}"
+    checkpoint = fixture_paths["sdxl_checkpoint"].name
+    prompt["ckpt"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}
     prompt["lora"] = {
         "class_type": "ScottLoraLoader",
         "inputs": {
@@ -129,7 +136,7 @@ def test_a_vpred_ztsnr_sdxl_is_refused_by_name_in_the_loader_and_the_samplers(co
             "strength_clip": 1.0,
         },
     }
-    prompt["vpred"]["inputs"]["model"] = ["lora", 0]
+    prompt["sigmas"]["inputs"]["model"] = ["lora", 0]
     result = comfy.run(prompt)
     expected = f"LoRA 'scott_test_sdxl_lora_kohya.safetensors' is for sdxl, {VPRED}"
     assert not result["ok"] and result["error"]["exception_message"].strip() == expected
