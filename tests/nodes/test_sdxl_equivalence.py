@@ -1,10 +1,10 @@
 """SCott KSampler and SamplerCustom + SCott Sampler/Scheduler on the SDXL-family fixture, run by ComfyUI's executor,
-give the latents diffusers' StableDiffusionXLPipeline (and its img2img twin) gives with LCMScheduler, TCDScheduler and
-EulerDiscreteScheduler on the same checkpoint (loaded by diffusers' single-file loader), the same LCM-LoRA-layout LoRA
-on the UNet (kohya keys with diffusers module paths; loaded by SCott LoRA Loader and by diffusers' own LoRA loader),
-the same start latent and noise, and the same size conditioning (64 x 64 px: ComfyUI's SDXL encode_adm takes
-width/height from the latent, crop 0, target = size; diffusers' add_time_ids original_size + crops_coords_top_left +
-target_size). fp32, max abs diff <= 1e-4.
+give the latents diffusers' StableDiffusionXLPipeline (and its img2img twin) gives with LCMScheduler, TCDScheduler,
+DDIMScheduler (these two: the x0 of their last step) and EulerDiscreteScheduler on the same checkpoint (loaded by
+diffusers' single-file loader), the same LCM-LoRA-layout LoRA on the UNet (kohya keys with diffusers module paths;
+loaded by SCott LoRA Loader and by diffusers' own LoRA loader), the same start latent and noise, and the same size
+conditioning (64 x 64 px: ComfyUI's SDXL encode_adm takes width/height from the latent, crop 0, target = size;
+diffusers' add_time_ids original_size + crops_coords_top_left + target_size). fp32, max abs diff <= 1e-4.
 
 The text-encoder half of the LoRA is compared separately, merged by hand into diffusers' text encoders: diffusers'
 LoRA loader cannot load text-encoder LoRAs into transformers 5's CLIP models (it drops kohya q_proj keys and fails on
@@ -114,6 +114,7 @@ def references(diffusers_pipe, prompt_embeds, start_latent):
 
 
 def scheduler(kind, config):
+    """A diffusers scheduler of this kind from the pipeline's scheduler config."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     if kind == "euler_trailing":  # SDXL-Lightning's published sampler (its model card)
@@ -186,6 +187,7 @@ def comfy_start(start_latent, timestep):
 
 
 def add_noise(z0, noise, timestep):
+    """diffusers' forward process at an integer timestep (SD/SDXL's scaled-linear schedule)."""
     from diffusers import DDPMScheduler
 
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -193,6 +195,7 @@ def add_noise(z0, noise, timestep):
 
 
 def sigma_at(timestep):
+    """The k-diffusion sigma at a timestep, float32."""
     return schedule.timestep_to_sigma(timestep, schedule.alphas_cumprod()).float()
 
 

@@ -93,6 +93,13 @@ def test_every_format_patches_every_module_of_unet_and_both_text_encoders(comfy,
                 assert torch.equal(weights[fmt][key], weights["kohya"][key]), (fmt, part, path)
 
 
+def test_the_fixture_is_sdxl_family_for_comfyui_and_for_scott(comfy, sdxl):
+    """ComfyUI detects the reduced fixture as Segmind_Vega (eps); model_family maps it to the SDXL entry."""
+    model = sdxl[0]
+    assert type(model.model.model_config).__name__ == "Segmind_Vega" and model.model.model_type.name == "EPS"
+    assert comfy.pack("nodes.model_sampling").model_family(model).name == "sdxl"  # the pack's own Family class
+
+
 def test_an_sd15_lora_on_an_sdxl_model_names_both_families(comfy, fixture_paths, sdxl):
     with pytest.raises(ValueError) as info:  # the pack's LoraFormatError (ComfyUI imports the pack under its path)
         run_loader(comfy, *sdxl, fixture_paths["lora_kohya"].name)
