@@ -9,6 +9,7 @@ Runs alternate between the two contenders; each figure is the fastest of --repea
 least disturbed by other processes on a shared machine), the median follows in brackets.
 
     python benchmarks/bench_nodes.py [--family sd15|sdxl] [--checkpoint FILE] [--size PX] [--steps 8] [--repeats 5]
+                                     [--parts per-step,sampler,end-to-end]
 
 Without --checkpoint it uses the tests' reduced random fixture of the family (built and cached like the tests do,
 in $SCOTT_TEST_CACHE): SD1.5's UNet is ~8x cheaper than SD1.5's, SDXL's (Segmind-Vega's depths at 320 channels) far
@@ -196,6 +197,37 @@ def sampler_only(comfy, checkpoint, size, repeats):
     return summary(times)
 
 
+def report_per_step(comfy, checkpoint, args):
+    steps = per_step(comfy, checkpoint, args.size, args.steps, args.repeats)
+    ratio = steps["SCott Sampler"][0] / steps["core lcm"][0]
+    median_ratio = steps["SCott Sampler"][1] / steps["core lcm"][1]
+    print(
+        f"per step ({args.steps} steps, cfg 1): SCott Sampler {fmt(steps['SCott Sampler'], 1e3, 'ms', 1)}, "
+        f"core lcm {fmt(steps['core lcm'], 1e3, 'ms', 1)}, ratio {ratio:.3f} [{median_ratio:.3f}] (goal <= 1.02)"
+    )
+
+
+def report_sampler_only(comfy, checkpoint, args):
+    sampling = sampler_only(comfy, checkpoint, args.size, args.repeats)
+    print(
+        f"sampler only: SCott 2 steps cfg 1 {fmt(sampling['scott'])}, dpmpp_2m 25 steps cfg 7 "
+        f"{fmt(sampling['dpmpp_2m'])}, speed-up {sampling['dpmpp_2m'][0] / sampling['scott'][0]:.1f}x "
+        "(goal >= 15x)"
+    )
+
+
+def report_end_to_end(comfy, checkpoint, args):
+    e2e = end_to_end(comfy, checkpoint, args.size, args.repeats)
+    print(
+        f"end to end (prompt incl. VAE decode + save): SCott {fmt(e2e['scott'])}, "
+        f"dpmpp_2m {fmt(e2e['dpmpp_2m'])}, "
+        f"speed-up {e2e['dpmpp_2m'][0] / e2e['scott'][0]:.1f}x (goal >= 15x)"
+    )
+
+
+PARTS = {"per-step": report_per_step, "sampler": report_sampler_only, "end-to-end": report_end_to_end}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(families.FAMILIES), default="sd15", help="model family")
@@ -206,6 +238,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="steps for the per-step comparison")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,24 +254,8 @@ def main():
         f"checkpoint: {checkpoint.name}{'' if args.checkpoint else fixture}; "
         f"{args.size}x{args.size} px, batch 1, fastest of {args.repeats} runs after a warm-up [median]"
     )
-    steps = per_step(comfy, checkpoint, args.size, args.steps, args.repeats)
-    ratio = steps["SCott Sampler"][0] / steps["core lcm"][0]
-    print(
-        f"per step ({args.steps} steps, cfg 1): SCott Sampler {fmt(steps['SCott Sampler'], 1e3, 'ms', 1)}, "
-        f"core lcm {fmt(steps['core lcm'], 1e3, 'ms', 1)}, ratio {ratio:.3f} (goal <= 1.02)"
-    )
-    sampling = sampler_only(comfy, checkpoint, args.size, args.repeats)
-    print(
-        f"sampler only: SCott 2 steps cfg 1 {fmt(sampling['scott'])}, dpmpp_2m 25 steps cfg 7 "
-        f"{fmt(sampling['dpmpp_2m'])}, speed-up {sampling['dpmpp_2m'][0] / sampling['scott'][0]:.1f}x "
-        "(goal >= 15x)"
-    )
-    e2e = end_to_end(comfy, checkpoint, args.size, args.repeats)
-    print(
-        f"end to end (prompt incl. VAE decode + save): SCott {fmt(e2e['scott'])}, "
-        f"dpmpp_2m {fmt(e2e['dpmpp_2m'])}, "
-        f"speed-up {e2e['dpmpp_2m'][0] / e2e['scott'][0]:.1f}x (goal >= 15x)"
-    )
+    for part in args.parts.split(","):
+        PARTS[part.strip()](comfy, checkpoint, args)
     print(f"load avg at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -218,7 +218,25 @@ def lora_in_format(mods, fmt):
     return sd, meta
 
 
+def diffusers_modules(path):
+    """{(part, diffusers path): (down, up, alpha / rank)} of a diffusers-format LoRA file (the fixture's), read by
+    plain key splitting and its lora_adapter_metadata: the tests' ground truth, independent of lora_format."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    out = {}
+    for key in (k for k in tensors if k.endswith(".lora_A.weight")):
+        part, module = key.removesuffix(".lora_A.weight").split(".", 1)
+        scale = meta[f"{part}.lora_alpha"] / meta[f"{part}.r"]
+        out[(part, module)] = (tensors[key], tensors[key.replace("lora_A", "lora_B")], scale)
+    return out
+
+
 def _checkpoint():
+    """The checkpoint's state dict: UNet, VAE and both text encoders in the layout SDXL checkpoints ship."""
     unet = random_state_dict(unet_shapes(SDXL_UNET), SDXL_SEED, perturb=PERTURB)
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
     sd.update({f"first_stage_model.{k}": v for k, v in random_state_dict(vae_shapes(), SDXL_SEED + 1).items()})
@@ -259,10 +277,12 @@ def _diffusers_folder(folder):
 
 
 def _clip_config(path, architecture):
+    """A transformers config from one of ComfyUI's CLIP config files, for the given model class."""
     return {**json.loads(Path(path).read_text()), "architectures": [architecture]}
 
 
 def _build(out):
+    """Write every SDXL fixture file (atomic renames)."""
     sd = _checkpoint()
     atomic_save(sd, out["sdxl_checkpoint"])
     prefix = "model.diffusion_model."

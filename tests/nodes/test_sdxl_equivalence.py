@@ -13,12 +13,12 @@ peft ones), so the sampling comparison runs with strength_clip 0."""
 import contextlib
 import functools
 import gc
-import json
 
 import pytest
 import torch
 from graphs import PROMPT_TEXT, base, empty_latent, ksampler, sampler_custom
 from safetensors.torch import load_file, save_file
+from sdxl_fixtures import diffusers_modules
 
 from scott_core import families, schedule
 
@@ -263,16 +263,13 @@ def test_the_text_conditioning_equals_diffusers_encode_prompt(comfy, fixture_pat
 def merged_text_encoder_lora(pipe, path):
     """The file's text-encoder modules merged into the pipeline's text encoders (restored after); yields
     {part: modules merged}."""
-    tensors = load_file(str(path))
-    meta = json.loads(safe_open_metadata(path)["lora_adapter_metadata"])
     saved, counts = {}, {}
-    for key in [k for k in tensors if k.startswith("text_encoder") and k.endswith(".lora_A.weight")]:
-        part, module = key.removesuffix(".lora_A.weight").split(".", 1)
+    for (part, module), (down, up, scale) in diffusers_modules(path).items():
+        if part == "unet":
+            continue
         layer = submodule(getattr(pipe, part), module)
         saved[(part, module)] = layer.weight.detach().clone()
-        scale = meta[f"{part}.lora_alpha"] / meta[f"{part}.r"]
-        delta = tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double()
-        layer.weight.data += (scale * delta).to(layer.weight.dtype)
+        layer.weight.data += (scale * (up.double() @ down.double())).to(layer.weight.dtype)
         counts[part] = counts.get(part, 0) + 1
     try:
         yield counts
@@ -287,13 +284,6 @@ def submodule(text_encoder, path):
         return text_encoder.get_submodule(path)
     except AttributeError:
         return text_encoder.get_submodule(path.removeprefix("text_model."))
-
-
-def safe_open_metadata(path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
 
 
 def test_lcm_timesteps_are_the_ones_the_pipeline_sampled():

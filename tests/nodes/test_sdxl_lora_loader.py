@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 from public_sdxl_loras import LAYOUTS, PUBLIC_LORAS, SDXL_UNET_CONFIG, sdxl_unet_modules, state_dict
-from safetensors.torch import load_file
-from sdxl_fixtures import LORA_FORMATS, LORA_METADATA
+from sdxl_fixtures import LORA_FORMATS, LORA_METADATA, diffusers_modules
 
 from scott_core import families, lora_format
 
@@ -26,24 +25,6 @@ def sdxl(comfy, fixture_paths):
 
 def run_loader(comfy, model, clip, name, strength=STRENGTH):
     return comfy.nodes.NODE_CLASS_MAPPINGS["ScottLoraLoader"].execute(model, clip, name, strength, strength).result
-
-
-def expected_modules(fixture_paths):
-    """{(part, diffusers path): (down, up, alpha / rank)} read from the diffusers-format file by plain key splitting
-    (independent of lora_format)."""
-    import json
-
-    from safetensors import safe_open
-
-    tensors = load_file(str(fixture_paths["sdxl_lora_diffusers"]))
-    with safe_open(str(fixture_paths["sdxl_lora_diffusers"]), framework="pt") as f:
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    out = {}
-    for key in (k for k in tensors if k.endswith(".lora_A.weight")):
-        part, path = key.removesuffix(".lora_A.weight").split(".", 1)
-        scale = meta[f"{part}.lora_alpha"] / meta[f"{part}.r"]
-        out[(part, path)] = (tensors[key], tensors[key.replace("lora_A", "lora_B")], scale)
-    return out
 
 
 def patched(patcher, keys):
@@ -68,7 +49,8 @@ def test_every_format_patches_every_module_of_unet_and_both_text_encoders(comfy,
     from sdxl_fixtures import SDXL_UNET
 
     model, clip = sdxl
-    mods, to_ldm = expected_modules(fixture_paths), comfy_utils.unet_to_diffusers(SDXL_UNET)
+    mods = diffusers_modules(fixture_paths["sdxl_lora_diffusers"])
+    to_ldm = comfy_utils.unet_to_diffusers(SDXL_UNET)
     keys = [comfy_key(part, path, to_ldm) for part, path in mods]
     base = {**patched(model, keys), **patched(clip.patcher, keys)}
     n_unet = sum(part == "unet" for part, _ in mods)
