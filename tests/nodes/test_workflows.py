@@ -1,5 +1,4 @@
-"""workflows/: every API-format graph runs in ComfyUI to a saved image (the fixture of its model family substituted,
-64 px);
+"""workflows/: every API-format graph runs in ComfyUI to a saved image (its family's fixture substituted, 64 px);
 every UI-format graph names existing node types, has consistent links and is the same graph as its API
 twin; each has a small .jpg thumbnail for ComfyUI's template browser."""
 
