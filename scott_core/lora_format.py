@@ -21,6 +21,9 @@ PARTS = ("unet", "text_encoder", "text_encoder_2")
 # kohya prefix -> model part, over every family ("lora_te_" is SD1.5's text encoder, "lora_te1_" SDXL's first).
 KOHYA_PARTS = {prefix: part for family in FAMILIES.values() for part, prefix in family.kohya_prefixes}
 DIFFUSERS_PREFIXES = tuple(sorted({prefix for f in FAMILIES.values() for _, prefix in f.diffusers_prefixes}))
+_KOHYA_KEY = "({})(.+)\\.(lora_down\\.weight|lora_up\\.weight|alpha)".format(
+    "|".join(sorted(KOHYA_PARTS, key=len, reverse=True))  # longest first: lora_te1_ before lora_te_
+)
 # Multi-word module names of the SD1.5/SDXL UNet (diffusers and original ldm layouts) and CLIP text model: kohya
 # joins every name with "_", so these are the words that must not be split back into "."-separated path parts.
 _COMPOUND_NAMES = (
@@ -244,7 +247,7 @@ def _kohya_path(name):
 def _kohya_pairs(state_dict):
     pairs = {}
     for key, value in state_dict.items():
-        match = re.fullmatch(r"(lora_(?:unet|te1|te2|te)_)(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        match = re.fullmatch(_KOHYA_KEY, key)
         if match is None:
             raise LoraFormatError(f"unsupported kohya key {key!r} (only plain LoRA: lora_down/lora_up/alpha)")
         part = KOHYA_PARTS[match.group(1)]

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from public_sdxl_loras import LCM_TARGETS
 from scott_fixtures import (
     LORA_ALPHA,
     LORA_RANK,
@@ -105,24 +106,6 @@ SCHEDULER = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
-# The modules LCM-LoRA-SDXL, DMD2, PCM (and, by its module count, SDXL-Lightning) adapt: peft target_modules of
-# luosiallen/latent-consistency-model LCM_Training_Script/consistency_distillation/train_lcm_distill_lora_sdxl_wds.py.
-LCM_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
 TE_PATHS = [f"text_model.encoder.layers.{i}.{p}" for i in (0, 10) for p in ("self_attn.q_proj", "mlp.fc2")]
 LORA_FORMATS = ("kohya", "kohya_ldm", "diffusers", "peft")
 LORA_METADATA = {"scott.steps": "2", "scott.gamma": "0.3", "scott.cfg": "1.0"}
@@ -182,8 +165,8 @@ def bigg_shapes(layers=32, width=1280, heads_mlp=5120, vocab=49408, positions=77
 
 
 def lora_modules(unet_sd):
-    """{(part, diffusers path): (down, up)}: every LCM_TARGETS module of the fixture UNet and TE_PATHS of both
-    text encoders, rank LORA_RANK, from one seeded generator."""
+    """{(part, diffusers path): (down, up)}: every module of the fixture UNet that LCM-LoRA-SDXL, DMD2 and PCM adapt
+    (public_sdxl_loras.LCM_TARGETS) and TE_PATHS of both text encoders, rank LORA_RANK, from one seeded generator."""
     import comfy.utils
 
     g = torch.Generator().manual_seed(SDXL_SEED + 7)
@@ -235,7 +218,25 @@ def lora_in_format(mods, fmt):
     return sd, meta
 
 
+def diffusers_modules(path):
+    """{(part, diffusers path): (down, up, alpha / rank)} of a diffusers-format LoRA file (the fixture's), read by
+    plain key splitting and its lora_adapter_metadata: the tests' ground truth, independent of lora_format."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    out = {}
+    for key in (k for k in tensors if k.endswith(".lora_A.weight")):
+        part, module = key.removesuffix(".lora_A.weight").split(".", 1)
+        scale = meta[f"{part}.lora_alpha"] / meta[f"{part}.r"]
+        out[(part, module)] = (tensors[key], tensors[key.replace("lora_A", "lora_B")], scale)
+    return out
+
+
 def _checkpoint():
+    """The checkpoint's state dict: UNet, VAE and both text encoders in the layout SDXL checkpoints ship."""
     unet = random_state_dict(unet_shapes(SDXL_UNET), SDXL_SEED, perturb=PERTURB)
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
     sd.update({f"first_stage_model.{k}": v for k, v in random_state_dict(vae_shapes(), SDXL_SEED + 1).items()})
@@ -276,10 +277,12 @@ def _diffusers_folder(folder):
 
 
 def _clip_config(path, architecture):
+    """A transformers config from one of ComfyUI's CLIP config files, for the given model class."""
     return {**json.loads(Path(path).read_text()), "architectures": [architecture]}
 
 
 def _build(out):
+    """Write every SDXL fixture file (atomic renames)."""
     sd = _checkpoint()
     atomic_save(sd, out["sdxl_checkpoint"])
     prefix = "model.diffusion_model."
