@@ -1,5 +1,5 @@
-"""Run under torchrun by test_distributed.py: 3 SCott steps on each rank, then save this rank's
-trainable tensors and the captions it trained on. Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM]."""
+"""Run under torchrun by test_distributed.py: SCott steps (3 unless given) on each rank, then save this rank's
+trainable tensors and the captions it trained on. Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM [STEPS]]."""
 
 import json
 import sys
@@ -15,9 +15,10 @@ from training.loop import build, data_batches, train_step  # noqa: E402
 
 teacher, data, output = sys.argv[1:4]
 accum = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
 run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3, grad_accum=accum))
 rank, seen, batches = run.accelerator.process_index, [], data_batches(run, 0)
-for step in range(3):
+for step in range(steps):
     micro = [next(batches) for _ in range(accum)]
     seen += [caption for batch in micro for caption in batch["captions"]]
     train_step(run, micro, step)

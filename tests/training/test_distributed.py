@@ -50,6 +50,42 @@ def test_two_ranks_end_with_identical_lora_weights(family, accum, tiny_data, tmp
     assert moved  # the student was updated, so equality is not trivial
 
 
+def test_two_ranks_take_the_step_one_process_takes_on_both_ranks_batches(tiny_xl_teacher, tiny_data, tmp_path,
+                                                                         tiny_config):
+    """The tiny SDXL teacher: a 2-process optimiser step equals one process's step on the averaged gradients of the
+    batches and draws each rank had (DDP's mean), clipped, then AdamW, the schedule and the EMA, as train_step does."""
+    from training.checkpoint import trainable_state
+    from training.data.images import make_loader
+    from training.encode import batch_latents
+    from training.loop import build, step_generator
+    from training.models.adapters import ema_update
+    from training.step import draw, scott_backward
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = torchrun(str(Path(__file__).parent / "ddp_worker.py"), str(tiny_xl_teacher), str(tiny_data), str(out),
+                      "1", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = build(tiny_config(tiny_xl_teacher, tiny_data, tmp_path / "one", mode="scott", lr=1e-3))
+    cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
+    for rank in (0, 1):  # each rank's first batch and draws, one after the other: their gradients add up
+        batch = next(iter(make_loader(run.dataset, cfg.batch_size, rank, 2, cfg.seed)))
+        generator = step_generator(cfg.seed, rank, 0, 0)
+        z0, cond = batch_latents(run, batch, generator)
+        scott_backward(model, z0, cond, run.uncond, draw(z0, run.grid, cfg, generator))
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad /= 2
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    run.optimizer.step()
+    ema_update(run.unet, cfg.ema_decay)
+    expected, got = trainable_state(model), load_file(str(out / "rank0.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(got[k].abs().max() > 0 for k in got if ".lora_B.student." in k)
+
+
 def test_cli_runs_under_torchrun(tiny_teacher, tiny_data, tmp_path, tiny_args):
     out = tmp_path / "out"
     result = torchrun(
