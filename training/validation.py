@@ -1,6 +1,7 @@
 """Validation: prompt lines with kohya-style options, the grids (prompts x {1, 2, 4} steps from scott_core's sampler
 with the student LoRA), and keep-best's held-out consistency loss."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -121,8 +122,11 @@ def consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator):
 
 @torch.no_grad()
 def decode(vae, latents):
-    """Latents -> uint8 HWC images."""
-    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # CPU once cached
+    """Latents -> uint8 HWC images; a float32 VAE (SDXL's under fp16, as its pipeline upcasts it) decodes outside
+    autocast, in float32."""
+    fp32 = torch.autocast(vae.device.type, enabled=False) if vae.dtype == torch.float32 else contextlib.nullcontext()
+    with fp32:
+        images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # CPU once cached
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 

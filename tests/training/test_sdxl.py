@@ -208,3 +208,12 @@ def test_an_sdxl_teacher_defaults_to_1024_px_and_sdxl_buckets(tiny_xl_teacher, t
     sdxl_buckets = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                     (1536, 640), (640, 1536)]
     assert set(sdxl_buckets) <= set(bucket_sizes(1024, 512, 2048))
+
+
+def test_an_sdxl_vae_stays_float32_under_float16_and_decodes_outside_autocast(tiny_xl_teacher, tiny_teacher):
+    xl, sd15 = load_teacher(tiny_xl_teacher, dtype=torch.float16), load_teacher(tiny_teacher, dtype=torch.float16)
+    assert (xl.unet.dtype, xl.vae.dtype, sd15.vae.dtype) == (torch.float16, torch.float32, torch.float16)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = validation.decode(xl.vae, latents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop validates under the run's autocast
+        assert torch.equal(validation.decode(xl.vae, latents), plain)

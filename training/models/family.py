@@ -27,6 +27,7 @@ class ModelFamily:
     pooled_from: str | None = None  # the text encoder whose projected pooled output is SDXL's text_embeds
     time_ids: bool = False  # SDXL's size conditioning: original size, crop top-left, target size
     zero_uncond: bool = False  # the unconditional embedding is zeros (SDXL's force_zeros_for_empty_prompt)
+    vae_fp32_under_fp16: bool = False  # the VAE overflows in fp16 (SDXL's): it stays fp32, as the LCM-SDXL script
     kohya_base_version: str = "sd_v1"  # kohya's ss_base_model_version of the exported LoRA
     modelspec_architecture: str = "stable-diffusion-v1/lora"
 
@@ -67,6 +68,7 @@ SDXL = ModelFamily(
     pooled_from="text_encoder_2",
     time_ids=True,
     zero_uncond=True,
+    vae_fp32_under_fp16=True,
     kohya_base_version="sdxl_base_v1-0",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
 )

@@ -187,8 +187,8 @@ def file_sha256(path, chunk=1 << 24):
 
 
 def load_teacher(path, trust_ckpt=False, dtype=torch.float32):
-    """Load the UNet, VAE, text encoders and tokenizers offline with the family's pipeline: a folder as it is, a
-    single file against the family's shipped configs."""
+    """Load the UNet, VAE, text encoders and tokenizers offline with the family's pipeline, in `dtype` (an SDXL VAE
+    stays float32 under float16): a folder as it is, a single file against the family's shipped configs."""
     import diffusers
 
     family = check_teacher_path(path, trust_ckpt)
@@ -202,6 +202,8 @@ def load_teacher(path, trust_ckpt=False, dtype=torch.float32):
     encoders = tuple(getattr(pipe, name) for name in family.text_encoders)
     for module in (pipe.unet, pipe.vae, *encoders):
         module.requires_grad_(False)
+    if family.vae_fp32_under_fp16 and dtype == torch.float16:
+        pipe.vae.to(torch.float32)
     scheduler = path / "scheduler" if path.is_dir() else family.assets / "scheduler"
     tokenizers = tuple(getattr(pipe, name) for name in family.tokenizers)
     return Teacher(family, pipe.unet, pipe.vae, encoders, tokenizers, path.stem, file_sha256(path), scheduler)
