@@ -217,3 +217,15 @@ def test_an_sdxl_vae_stays_float32_under_float16_and_decodes_outside_autocast(ti
     plain = validation.decode(xl.vae, latents)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop validates under the run's autocast
         assert torch.equal(validation.decode(xl.vae, latents), plain)
+
+
+def test_the_evaluator_samples_an_sdxl_teacher_with_the_trainers_conditioning(xl):
+    from training.eval import evaluation
+
+    teacher, _ = xl
+    cond = evaluation.encode(teacher, ["a red circle"], 24, "cpu")
+    reference = encode_captions(teacher, ["a red circle"])
+    assert torch.equal(cond.states, reference.states) and torch.equal(cond.pooled, reference.pooled)
+    assert cond.time_ids.tolist() == [[24, 24, 0, 0, 24, 24]]  # an uncropped 24 px image
+    images = evaluation.consistency_generator(teacher, 2, 1.0, 2.0, 16, "cpu")(["a red circle", "a cat"], [0, 1])
+    assert [image.size for image in images] == [(16, 16)] * 2
