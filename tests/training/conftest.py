@@ -77,6 +77,10 @@ def save_atomically(pipe, folder):
     tmp.rename(folder)
 
 
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 norm_num_groups=8)  # both tiny UNets: 2 levels at 8x8 latents
+
+
 def build_tiny_pipeline(folder):
     """A random tiny SD-family pipeline (UNet 2 levels, VAE x2, 2-layer CLIP) saved as a diffusers folder."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -84,16 +88,11 @@ def build_tiny_pipeline(folder):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
-        norm_num_groups=8,
     )
     vae = tiny_vae()
     text_encoder = CLIPTextModel(tiny_clip_config())
@@ -121,11 +120,7 @@ def tiny_sdxl_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -135,7 +130,6 @@ def tiny_sdxl_unet():
         addition_embed_type="text_time",
         addition_time_embed_dim=TINY_TIME_DIM,
         projection_class_embeddings_input_dim=6 * TINY_TIME_DIM + 32,
-        norm_num_groups=8,
     )
 
 
