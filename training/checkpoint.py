@@ -104,19 +104,42 @@ def load(accelerator, path):
     return json.loads((Path(path) / STATE).read_text())["step"]
 
 
-def check_resume_buckets(cfg):
-    """A resume must keep the bucket setting of the run it resumes (its <output>/config.toml says which), or the
-    data order would change under it: else one line saying which flag to give."""
-    if cfg.resume is None or not bucketable(cfg.source):
+# The settings that decide what a run trains on, each with its value in runs written before it existed, and whether it
+# applies to a source (a resume must keep them, or the data or its order would change under it).
+RESUME_KEEPS = {
+    "buckets": (False, bucketable),  # older runs: square crops
+    "validation_split": ("0", lambda source: True),  # older runs: nothing withheld
+    "validation_data": (None, lambda source: True),
+}
+
+
+def setting_flag(name, value):
+    """How a data setting reads on the command line: --buckets / --no-buckets, --validation-split 0, ..."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"no {flag}" if value is None else f"{flag} {value}"
+
+
+def setting_advice(name, value):
+    """What to give to keep a data setting: its flag, or 'leave out --validation-data' for an unset one."""
+    return f"leave out --{name.replace('_', '-')}" if value is None else f"give {setting_flag(name, value)}"
+
+
+def check_resume_data(cfg):
+    """A resume must keep the data settings of the run it resumes (its <output>/config.toml says which): else one
+    line saying which flag to give."""
+    if cfg.resume is None:
         return
     found = resolve(cfg.resume, Path(cfg.output) / "checkpoints")
     saved = Path(found).resolve().parent.parent / "config.toml" if found else None
     if saved is None or not saved.is_file():
         return
-    before = tomllib.loads(saved.read_text(encoding="utf-8")).get("buckets", False)  # older runs: square crops
-    if before != cfg.buckets:
-        flag = "--buckets" if before else "--no-buckets"
-        raise UserError(
-            f"--resume {found}: that run trained with {flag} and this one with "
-            f"{'--buckets' if cfg.buckets else '--no-buckets'}; give {flag} to resume it, or start a new --output"
-        )
+    before = tomllib.loads(saved.read_text(encoding="utf-8"))
+    for name, (older, applies) in RESUME_KEEPS.items():
+        was, now = before.get(name, older), getattr(cfg, name)
+        if applies(cfg.source) and was != now:
+            raise UserError(
+                f"--resume {found}: that run trained with {setting_flag(name, was)} and this one with "
+                f"{setting_flag(name, now)}; {setting_advice(name, was)} to resume it, or start a new --output"
+            )

@@ -131,6 +131,8 @@ TINY_FLAGS = dict(
     checkpoint_every=0,
     log_every=1,
     buckets=False,  # 16 px is under the 64 px buckets: the tiny runs train square crops unless a test asks
+    validation_samples=4,  # keep-best scores 4 samples (its withheld captions when validation is on)
+    synth_steps=4,  # the teacher's reference samples for keep-best (and data-free images) in 4 steps
 )
 
 

@@ -94,7 +94,7 @@ class PairDataset(torch.utils.data.Dataset):
     Square R x R crops, or with buckets=True each image in the aspect-ratio bucket nearest its own (buckets.py);
     images whose header is unreadable or with a side under the smallest bucket's are then dropped and counted."""
 
-    def __init__(self, data, resolution, buckets=False):
+    def __init__(self, data, resolution, buckets=False, withhold=None):
         source = parse_source(data)
         source.check()
         if isinstance(source, ImageFolder):
@@ -103,6 +103,8 @@ class PairDataset(torch.utils.data.Dataset):
             self.pairs, self.missing_captions = tar_pairs(source.paths)
         else:
             raise DataError(f"data {data} is not images: the loop renders or draws it into a folder first")
+        # keep-best's share, taken from the listed pairs before any bucketing: training never sees these
+        self.pairs, self.withheld = withhold(self.pairs) if withhold else (self.pairs, [])
         self.resolution, self.bucketed = resolution, buckets
         self.unreadable = self.too_small = 0
         self._check_not_empty(source)
@@ -145,7 +147,7 @@ class PairDataset(torch.utils.data.Dataset):
     def image_size(self, pair):
         """(width, height) from the image's header (PIL opens lazily), None if it cannot be read."""
         try:
-            source = pair.image_ref if not pair.source.startswith("tar:") else io.BytesIO(self._bytes(pair))
+            source = pair.image_ref if not pair.source.startswith("tar:") else io.BytesIO(pair_bytes(pair))
             with Image.open(source) as image:
                 return image.size
         except Exception as exc:  # noqa: BLE001 - any header failure is a corrupt image: skip and count
@@ -157,25 +159,32 @@ class PairDataset(torch.utils.data.Dataset):
 
     def image_bytes(self, index):
         """The raw bytes of image `index` (what the latent cache's key hashes)."""
-        return self._bytes(self.pairs[index])
-
-    def _bytes(self, pair):
-        if pair.source.startswith("tar:"):
-            offset, size = pair.image_ref
-            with open(pair.source[4:], "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        return Path(pair.image_ref).read_bytes()
+        return pair_bytes(self.pairs[index])
 
     def __getitem__(self, index):
-        pair = self.pairs[index]
-        try:
-            image = Image.open(io.BytesIO(self._bytes(pair)))
-            image = image.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt image: skip and count
-            log.debug("skipping %s: %s", pair.source, exc)
-            return None
-        return resize_center_crop(image, *self.targets[index]), pair.caption
+        pixels = load_pixels(self.pairs[index], *self.targets[index])
+        return None if pixels is None else (pixels, self.pairs[index].caption)
+
+
+def pair_bytes(pair):
+    """The raw bytes of a pair's image (a file, or a member of a .tar)."""
+    if pair.source.startswith("tar:"):
+        offset, size = pair.image_ref
+        with open(pair.source[4:], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    return Path(pair.image_ref).read_bytes()
+
+
+def load_pixels(pair, width, height):
+    """A pair's image resized and center-cropped to width x height ([3, H, W] in [-1, 1]); None if unreadable."""
+    try:
+        image = Image.open(io.BytesIO(pair_bytes(pair)))
+        image = image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt image: skip and count
+        log.debug("skipping %s: %s", pair.source, exc)
+        return None
+    return resize_center_crop(image, width, height)
 
 
 def resize_center_crop(image, width, height=None):

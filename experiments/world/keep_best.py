@@ -1,0 +1,147 @@
+"""Does keep-best's score rank checkpoints as the world's judge does? Every --save-every LoRA of one shapes-world run is
+scored with each of keep-best's scores (training.eval.scores.SCORES, computed by training.keep_best on the run's own
+validation set, as the trainer computes them) and with the world judge's FD (experiments/world/report.py's scoring of
+a LoRA: the classifier's Frechet distance on the report's evaluation captions, world seed 7); the script prints
+Spearman's rank correlation of each score with the judge's FD, over the checkpoints.
+
+    OMP_NUM_THREADS=1 python -m training.distill --teacher demo --max-steps 1000 --save-every 100 \\
+        --validate-every 0 --output runs/kb1000
+    OMP_NUM_THREADS=1 python -m experiments.world.keep_best --run runs/kb1000 --json docs/keep_best_world.json
+
+Resumable: each LoRA's scores are cached under <run>/keep_best_scores/.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from training.cli import parse_config
+from training.data import scenes
+from training.eval.scores import SCORES
+from training.keep_best import prepare, score_values, student_sampler, teacher_features
+from training.loop import build
+from training.models.adapters import load_student
+
+from . import report
+from .classifier import load_classifier
+from .evaluate import real_images, score
+
+STEP_COUNTS = (1, 2, 4)
+
+
+def step_loras(folder, name):
+    """{step: path} of the run's --save-every LoRAs (<name>_stepNNNNNNN.safetensors) and its final LoRA."""
+    found = {int(m.group(1)): p for p in Path(folder).glob(f"{name}_step*.safetensors")
+             if (m := re.fullmatch(rf"{re.escape(name)}_step(\d+)\.safetensors", p.name))}
+    final = Path(folder) / f"{name}.safetensors"
+    if final.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(final), framework="pt") as f:
+            found[int(f.metadata()["scott.step"])] = final
+    return dict(sorted(found.items()))
+
+
+def run_config(folder):
+    """The run's own config (its config.toml), with keep-best on as the trainer's defaults have it."""
+    return parse_config(["--config", str(Path(folder) / "config.toml"), "--validate-every", "100",
+                         "--validation-split", "auto", "--output", str(folder)])
+
+
+def keep_best_scores(run, validation, lora):
+    """{score name: {steps: value}} of one LoRA loaded into the run's student adapter."""
+    load_student(run.unet, lora)
+    sample = student_sampler(run, validation)
+    latents = {k: sample(k) for k in STEP_COUNTS}
+    return {name: score_values(latents.get, teacher_features(run, s.feature), validation, s, STEP_COUNTS)
+            for name, s in SCORES.items()}
+
+
+def judge_fd(lora, captions, real, model, seed=0):
+    """{steps: FD} of the world judge for one LoRA: report.py's student images on the evaluation captions."""
+    pipe = report.load_pipeline(lora)
+    out = {}
+    for k in STEP_COUNTS:
+        fake = report.student_images(pipe, captions, k, seed).permute(0, 3, 1, 2).float() / 127.5 - 1
+        out[k] = score(model, fake, captions, real)["fd"]
+    return out
+
+
+def cached(path, make):
+    """The JSON at `path`, or make() written there (keys of the inner dicts become strings)."""
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(make(), indent=1) + "\n")
+    return json.loads(path.read_text())
+
+
+def ranks(values):
+    """Ranks 0..n-1 of the values (no ties among real-valued scores)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0] * len(values)
+    for rank, index in enumerate(order):
+        out[index] = rank
+    return out
+
+
+def spearman(a, b):
+    """Spearman's rank correlation: the Pearson correlation of the ranks."""
+    ra, rb = (torch.tensor(ranks(v), dtype=torch.float64) for v in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm())).item()
+
+
+def mean(values):
+    return sum(values.values()) / len(values)
+
+
+def correlations(scores, fds):
+    """{score name: {"mean": rho of the mean over step counts, "<k>": rho at k steps}} over the checkpoints."""
+    steps = sorted(scores)
+    out = {}
+    for name in SCORES:
+        per = {"mean": spearman([mean(scores[s][name]) for s in steps], [mean(fds[s]) for s in steps])}
+        for k in STEP_COUNTS:
+            per[str(k)] = spearman([scores[s][name][str(k)] for s in steps], [fds[s][str(k)] for s in steps])
+        out[name] = per
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.world.keep_best", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="the run's --output folder (with --save-every LoRAs)")
+    parser.add_argument("--n-eval", type=int, default=1000, help="the judge's evaluation captions (report: 1000)")
+    parser.add_argument("--json", default=None, help="write the scores, FDs and correlations here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = run_config(args.run)
+    loras = step_loras(args.run, cfg.name)
+    run = build(cfg)
+    validation = prepare(run, run.holdout)
+    captions = [scenes.caption_at(i, report.EVAL_SEED) for i in range(args.n_eval)]
+    real, model = real_images(args.n_eval, report.EVAL_SEED), load_classifier()
+    work = Path(args.run) / "keep_best_scores"
+    scores, fds = {}, {}
+    for step, lora in loras.items():
+        scores[step] = cached(work / f"step{step}_scores.json",
+                              lambda lora=lora: keep_best_scores(run, validation, lora))
+        fds[step] = cached(work / f"step{step}_fd_n{args.n_eval}.json",
+                           lambda lora=lora: judge_fd(lora, captions, real, model))
+        print(f"step {step}: judge FD {mean(fds[step]):.2f}, " + ", ".join(
+            f"{name} {mean(v):.4g}" for name, v in scores[step].items()), flush=True)
+    rho = correlations(scores, fds)
+    for name, per in sorted(rho.items(), key=lambda item: -item[1]["mean"]):
+        print(f"{name:<22} Spearman with the judge's FD: mean {per['mean']:+.3f}; "
+              + ", ".join(f"{k} step {per[str(k)]:+.3f}" for k in STEP_COUNTS))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"run": str(args.run), "validation": validation.origin,
+                                               "samples": len(validation.seeds), "n_eval": args.n_eval,
+                                               "scores": scores, "judge_fd": fds, "spearman": rho}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
