@@ -8,10 +8,12 @@ state), gradient clipping and the EMA update included. LiveBytes counts the byte
 512 B as the CUDA caching allocator rounds, and the FLOPs by torch.utils.flop_counter's formulas. CPU autocast stands
 in for CUDA autocast, with group_norm / layer_norm in fp32 as CUDA autocast runs them; the base weights take the dtype
 a CUDA run gives them. Not seen: the CUDA context (~0.3-0.5 GiB), cuDNN / cuBLAS workspaces and allocator
-fragmentation, so a GPU shows somewhat more. docs/memory.md has the figures.
+fragmentation, so a GPU shows somewhat more; nor the gradient buckets DDP adds under several processes (about the
+trainable LoRAs' gradients once more). fp16 is estimated as bf16 (the same sizes). docs/memory.md has the figures.
 """
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -279,11 +281,14 @@ class Estimate:
 
 
 def estimate(cfg):
-    """The GPU peak of cfg's run (Estimate), from the loop's own build and step on fake tensors (module docstring)."""
+    """The GPU peak of cfg's run (Estimate), from the loop's own build and step on fake tensors (module docstring).
+    fp16 is estimated as bf16: the same sizes, and CPU autocast runs bf16 only."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .loop import make_accelerator
 
+    if cfg.mixed_precision == "fp16":
+        cfg = dataclasses.replace(cfg, mixed_precision="bf16")
     accelerator = make_accelerator(cfg, estimate=True)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     teacher = random_teacher(cfg, accelerator.device, fake_mode)

@@ -153,7 +153,7 @@ def tiny_argv(teacher, data, output, **overrides):
     return argv
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     return make_tiny_config
 

@@ -96,7 +96,8 @@ def demo_lora(demo_teacher, tmp_path):
 
 
 def test_inception_features_match_pytorch_fids_network(inception_file, monkeypatch):
-    inception = pytest.importorskip("pytorch_fid.inception")
+    from pytorch_fid import inception
+
     state = torch.load(inception_file, weights_only=True)
     monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: state)  # no download
     reference = inception.InceptionV3([3], resize_input=False).eval()
@@ -110,12 +111,10 @@ def test_inception_features_match_pytorch_fids_network(inception_file, monkeypat
 
 
 def test_resize_is_clean_fids():
-    resize = pytest.importorskip("cleanfid.resize")
+    from cleanfid import resize
+
     pixels = np.random.default_rng(0).integers(0, 256, size=(70, 50, 3), dtype=np.uint8)
-    try:
-        expected = resize.make_resizer("PIL", False, "bicubic", (299, 299))(pixels)
-    except (TypeError, ValueError) as error:  # clean-fid 0.1.35 passes mode="F", which newer Pillow removed
-        pytest.skip(f"clean-fid does not run with this Pillow: {error}")
+    expected = resize.make_resizer("PIL", False, "bicubic", (299, 299))(pixels)
     np.testing.assert_allclose(scorers.clean_resize(pixels), expected, rtol=0, atol=1e-4)
 
 
@@ -128,9 +127,9 @@ def test_inception_weights_file_is_checked(tmp_path):
         scorers.load_inception(other)
 
 
-def test_clip_score_matches_torchmetrics(clip_folder):
-    multimodal = pytest.importorskip("torchmetrics.multimodal")
-    model, processor = scorers.load_clip(clip_folder)
+def torchmetrics_clip_score(model, processor, images, captions):
+    """torchmetrics' CLIPScore of uint8 CHW tensors and captions, on our CLIP model and processor."""
+    from torchmetrics import multimodal
 
     class Features(torch.nn.Module):
         """CLIPModel's own get_*_features, as plain tensors (transformers 5 returns output objects)."""
@@ -145,15 +144,20 @@ def test_clip_score_matches_torchmetrics(clip_folder):
         def get_text_features(self, input_ids, attention_mask=None):
             return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
+    reference = multimodal.CLIPScore(model_name_or_path=lambda: (Features(), processor))
+    reference.update(images, captions)
+    return reference.compute().item()
+
+
+def test_clip_score_matches_torchmetrics(clip_folder):
+    model, processor = scorers.load_clip(clip_folder)
     generator = torch.Generator().manual_seed(0)
     images = [(torch.rand(3, 40, 48, generator=generator) * 255).to(torch.uint8) for _ in range(6)]
     captions = ["a red circle", "a blue square on white", "cat", "a photo of a dog", "two birds", "the sea at dusk"]
-    reference = multimodal.CLIPScore(model_name_or_path=lambda: (Features(), processor))
-    reference.update(images, captions)
     pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
     cosines = scorers.clip_cosines(model, processor, pil, captions, batch_size=4)
     assert scorers.clip_score(model, processor, pil, captions, batch_size=4) == pytest.approx(
-        reference.compute().item(), abs=1e-4)
+        torchmetrics_clip_score(model, processor, images, captions), abs=1e-4)
     assert scorers.clip_score(model, processor, pil, captions) == pytest.approx(max(cosines.mean().item(), 0))
 
 
@@ -287,10 +291,19 @@ def test_end_to_end_on_the_demo_teacher_then_a_rerun_reuses_the_cache(tmp_path, 
     names = [row["name"] for row in results["rows"]]
     assert names == ["teacher_dpmpp2m4_cfg7.5", "tiny_scott_steps1_gamma0.5_cfg1", "tiny_scott_steps2_gamma0.5_cfg1"]
     assert (results["n"], results["n_real"], results["resolution"], results["k"]) == (6, 8, 64, 5)
+    inception, (clip, processor) = scorers.load_inception(inception_file), scorers.load_clip(clip_folder)
+    real = scorers.inception_features(inception, evaluation.Lazy(sorted((tmp_path / "real").iterdir()),
+                                                                 evaluation.real_loader(64)))
+    prompts = (tmp_path / "prompts.txt").read_text().splitlines()
     for row in results["rows"]:
         assert (row["n"], row["n_real"]) == (6, 8)
-        assert np.isfinite(row["fid"]) and row["fid"] >= 0 and row["clip_score"] >= 0
-        assert all(0 <= row[key] <= 1 for key in ("precision", "recall", "coverage"))
+        images = [Image.open(out / "images" / row["name"] / f"{i:06d}.png").convert("RGB") for i in range(6)]
+        fake = scorers.inception_features(inception, images)  # 6 and 8 images, 2048 features: singular covariances
+        assert row["fid"] == pytest.approx(pytorch_fid_of(real.numpy(), fake.numpy()), rel=1e-6)
+        tensors = [torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]
+        captions = [prompts[i % 2] for i in range(6)]
+        assert row["clip_score"] == pytest.approx(torchmetrics_clip_score(clip, processor, tensors, captions),
+                                                  abs=1e-4)
     assert [row["gamma"] for row in results["rows"]] == [None, 0.5, 0.5]  # from the LoRA's metadata
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| teacher_dpmpp2m4_cfg7.5 | dpmpp_2m | 4 | 7.5 |")
@@ -308,6 +321,13 @@ def test_end_to_end_on_the_demo_teacher_then_a_rerun_reuses_the_cache(tmp_path, 
 
     assert main([*argv, "--seed", "1"]) == 2  # another seed into the same folders is refused, naming what changed
     assert "holds images made with other settings (changed: seed)" in capsys.readouterr().err
+
+
+def pytorch_fid_of(a, b):
+    """pytorch-fid's Frechet distance (scipy sqrtm) of two numpy feature sets."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 def test_two_processes_split_the_images_without_duplicates(tmp_path, demo_lora, inception_file, clip_folder):
