@@ -20,10 +20,8 @@ from .data.holdout import Holdout
 from .data.images import PairDataset, make_loader
 from .data.prepare import synthetic_dataset, training_data
 from .encode import batch_latents, encode_moments, encode_text
-from .eval import scorers
-from .eval.scores import SCORES
 from .export import export_lora
-from .keep_best import Judges, KeepBest, judge, score_values, student_sampler, teacher_features
+from .keep_best import Judges, KeepBest, check_judges, score_line, student_scores
 from .keep_best import prepare as prepare_validation
 from .memory import OutOfMemory, out_of_memory_message
 from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_checkpointing
@@ -134,7 +132,7 @@ def build(cfg):
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
     cfg.source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
     checkpoint.check_resume_data(cfg)
-    check_judges(cfg)
+    check_judges(cfg)  # --inception / --clip files
     dataset, prompts, holdout = training_data(cfg, accelerator)
     if dataset is not None and dataset.bucketed and accelerator.is_main_process:
         log.info(bucket_report(dataset, cfg, accelerator.num_processes))
@@ -249,50 +247,27 @@ def validate(run, step, prompts):
     return path
 
 
-def check_judges(cfg):
-    """--inception / --clip must name usable files before any model loads (validation logs FID / CLIP score)."""
-    if cfg.validate_every and cfg.inception:
-        scorers.check_inception_file(cfg.inception)
-    if cfg.validate_every and cfg.clip:
-        scorers.check_clip_folder(cfg.clip)
-
-
 def keep_best(run, step, validation, keeper, judges):
-    """At a validation: the student's score on the ValidationSet (mean over the --validation-steps counts) to the log
-    and TensorBoard (val/<score name>, and per step count), with FID / CLIP score when their weights are given; a
-    new lowest is exported as <output>/<name>_best.safetensors with its score and step. Main process only; returns
-    the score."""
+    """At a validation: the student's keep-best score (the mean over the --validation-steps counts; keep_best.py) to
+    the log and TensorBoard (val/<score name>, and per step count), with FID / CLIP score where their weights are
+    given; a new lowest is exported as <output>/<name>_best.safetensors with its score and step. Main process only;
+    returns the score."""
     if not run.accelerator.is_main_process or validation is None:
         return None
-    cfg, score = run.cfg, SCORES[run.cfg.keep_best_score]
-    counts = cfg.validation_step_counts()
-    with run.accelerator.autocast():
-        sample = student_sampler(run, validation)
-        latents = {k: sample(k) for k in counts}
-        values = score_values(latents.get, teacher_features(run, score.feature), validation, score, counts)
-        judged = {k: judge(run, validation, judges, latents[k]) for k in counts}
+    cfg, name = run.cfg, run.cfg.keep_best_score
+    values, judged = student_scores(run, validation, judges)
     value = sum(values.values()) / len(values)
-    logged = {f"val/{score.name}": value, **{f"val/{score.name}/{k}_steps": v for k, v in values.items()}}
-    logged.update({f"val/{name}/{k}_steps": v for k, scores in judged.items() for name, v in scores.items()})
     if run.accelerator.log_with:
+        logged = {f"val/{name}": value, **{f"val/{name}/{k}_steps": v for k, v in values.items()}}
+        logged.update({f"val/{judge}/{k}_steps": v for k, found in judged.items() for judge, v in found.items()})
         run.accelerator.log(logged, step=step)
     if keeper.improves(value):
         best = Path(cfg.output) / f"{cfg.name}_best.safetensors"
-        extra = {"scott.validation_score": value, "scott.validation_score_name": score.name}
+        extra = {"scott.validation_score": value, "scott.validation_score_name": name}
         export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, best, step=step, extra=extra)
         keeper.record(step, value)
-    per_count = ", ".join(f"{steps_text(k)} {v:.5g}" for k, v in values.items())
-    extras = "".join(f"; {name} {steps_text(k)} {v:.4g}" for k, scores in judged.items() for name, v in scores.items())
-    log.info("step %d: keep-best score %.5g (%s; %d samples on the captions of %s; %s%s); best %.5g at step %s",
-             step, value,
-             score.describe(cfg.synth_steps), len(validation.seeds), validation.origin, per_count, extras,
-             keeper.score, keeper.step)
+    log.info("step %d: %s", step, score_line(cfg, validation, value, values, judged, keeper))
     return value
-
-
-def steps_text(count):
-    """'1 step', '4 steps'."""
-    return f"{count} step{'s' if count != 1 else ''}"
 
 
 def step_lora_path(cfg, step):

@@ -12,9 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from training.eval import scorers
 from training.eval.scores import DEFAULT_SCORE, SCORES
-from training.keep_best import KeepBest, prepare, score_values, teacher_features
+from training.keep_best import Judges, KeepBest, judge, prepare, score_values, student_sampler, teacher_features
 from training.loop import build, keep_best, train
+from training.validation import decode
 
 SCORE_LINE = re.compile(r"step (\d+): keep-best score ([0-9.e+-]+) \((.*)\); best ([0-9.e+-]+) at step (\d+)")
 
@@ -149,3 +151,21 @@ def test_the_best_record_reads_back_only_for_the_same_score_on_resume(tmp_path):
     assert (back.score, back.step) == (3.0, 5) and not back.improves(3.5) and back.improves(2.5)
     assert KeepBest.open(path, "vae_fd_teacher", resume="latest").step is None  # another score starts afresh
     assert KeepBest.open(path, "unet_fd_teacher", resume=None).step is None  # a fresh run starts afresh
+
+
+def test_validation_scores_fid_and_clip_through_training_eval(tiny_teacher, images, tmp_path, tiny_config,
+                                                              inception_file, clip_folder, references, monkeypatch):
+    monkeypatch.setattr(scorers, "INCEPTION_SIZE", 96)  # speed only: the network is fully convolutional to the pool
+    data = images(tmp_path / "data", 20)
+    cfg = tiny_config(tiny_teacher, data, tmp_path / "out", validate_every=1, validation_split="4", mode="lcm",
+                      inception=str(inception_file), clip=str(clip_folder))
+    run = build(cfg)
+    validation, judges = prepare(run, run.holdout), Judges.load(cfg)
+    latents = student_sampler(run, validation)(1)
+    found = judge(run, validation, judges, latents)
+    fake = decode(run.teacher.vae, latents)
+    real = scorers.inception_features(judges.inception, [x.numpy() for x in validation.images])
+    fakes = scorers.inception_features(judges.inception, [x.numpy() for x in fake])
+    assert found["fid"] == pytest.approx(references.fid(real.numpy(), fakes.numpy()), rel=1e-6)
+    expected = references.clip_score(*judges.clip, list(fake.permute(0, 3, 1, 2)), validation.captions)
+    assert found["clip_score"] == pytest.approx(expected, abs=1e-4)
