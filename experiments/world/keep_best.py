@@ -7,6 +7,7 @@ Spearman's rank correlation of each score with the judge's FD, over the checkpoi
     OMP_NUM_THREADS=1 python -m training.distill --teacher demo --max-steps 1000 --save-every 100 \\
         --validate-every 0 --output runs/kb1000
     OMP_NUM_THREADS=1 python -m experiments.world.keep_best --run runs/kb1000 --json docs/keep_best_world.json
+    (--samples 256: keep-best with --validation-samples 256)
 
 Resumable: each LoRA's scores are cached under <run>/keep_best_scores/.
 """
@@ -45,10 +46,11 @@ def step_loras(folder, name):
     return dict(sorted(found.items()))
 
 
-def run_config(folder):
-    """The run's own config (its config.toml), with keep-best on as the trainer's defaults have it."""
+def run_config(folder, samples):
+    """The run's own config (its config.toml), with keep-best on as the trainer's defaults have it, scoring
+    `samples` samples."""
     return parse_config(["--config", str(Path(folder) / "config.toml"), "--validate-every", "100",
-                         "--validation-split", "auto", "--output", str(folder)])
+                         "--validation-split", "auto", "--validation-samples", str(samples), "--output", str(folder)])
 
 
 def keep_best_scores(run, validation, lora):
@@ -115,10 +117,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.world.keep_best", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="the run's --output folder (with --save-every LoRAs)")
     parser.add_argument("--n-eval", type=int, default=1000, help="the judge's evaluation captions (report: 1000)")
+    parser.add_argument("--samples", type=int, default=64, help="keep-best's samples (--validation-samples)")
     parser.add_argument("--json", default=None, help="write the scores, FDs and correlations here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = run_config(args.run)
+    cfg = run_config(args.run, args.samples)
     loras = step_loras(args.run, cfg.name)
     run = build(cfg)
     validation = prepare(run, run.holdout)
@@ -127,7 +130,7 @@ def main(argv=None):
     work = Path(args.run) / "keep_best_scores"
     scores, fds = {}, {}
     for step, lora in loras.items():
-        scores[step] = cached(work / f"step{step}_scores.json",
+        scores[step] = cached(work / f"step{step}_scores_s{args.samples}.json",
                               lambda lora=lora: keep_best_scores(run, validation, lora))
         fds[step] = cached(work / f"step{step}_fd_n{args.n_eval}.json",
                            lambda lora=lora: judge_fd(lora, captions, real, model))

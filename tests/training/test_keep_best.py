@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from training.config import DistillConfig
+from training.errors import UserError
 from training.eval import scorers
 from training.eval.scores import DEFAULT_SCORE, SCORES
 from training.keep_best import Judges, KeepBest, judge, prepare, score_values, student_sampler, teacher_features
@@ -169,3 +171,16 @@ def test_validation_scores_fid_and_clip_through_training_eval(tiny_teacher, imag
     assert found["fid"] == pytest.approx(references.fid(real.numpy(), fakes.numpy()), rel=1e-6)
     expected = references.clip_score(*judges.clip, list(fake.permute(0, 3, 1, 2)), validation.captions)
     assert found["clip_score"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_score_against_images_needs_images(tiny_teacher, tmp_path):
+    def data_free(**values):
+        return DistillConfig(teacher=str(tiny_teacher), output=str(tmp_path), validate_every=1,
+                             keep_best_score="vae_fd_images", **values).resolved()
+
+    with pytest.raises(UserError) as error:
+        data_free()
+    assert str(error.value) == (
+        "--keep-best-score vae_fd_images compares with withheld images, and data-free runs have none: give "
+        f"--validation-data PATH, or a score against the teacher's samples (e.g. {DEFAULT_SCORE})")
+    assert data_free(validation_data=str(tmp_path)).validation_split == "0"
