@@ -190,12 +190,13 @@ def fake_tensor(fake_mode, tensor, device):
 
 
 def largest_size(cfg):
-    """(width, height) of the largest crop the run trains on: its largest bucket, or resolution^2."""
+    """(width, height) of the largest crop the run trains on: its largest bucket (of equal areas the squarest), or
+    resolution^2."""
     from .data.buckets import bucket_sizes, uses_buckets
 
     if not uses_buckets(cfg):
         return cfg.resolution, cfg.resolution
-    return max(bucket_sizes(cfg.resolution), key=lambda size: size[0] * size[1])
+    return max(bucket_sizes(cfg.resolution), key=lambda size: (size[0] * size[1], -abs(size[0] - size[1])))
 
 
 def micro_batch(run, size):
