@@ -319,9 +319,9 @@ class OutputOptions:
         "1,2,4", "sampling step counts of the validation grid and of keep-best's score, comma-separated"
     )
     validation_samples: int = _opt(
-        64,
+        256,
         "student samples keep-best scores at each validation, from fixed noises over the withheld captions (each "
-        "caption at least once)",
+        "caption at least once); fewer rank checkpoints worse (docs/keep_best.md: 64 against 256)",
         range=AT_LEAST_1,
     )
     keep_best_score: str = _opt(

@@ -102,20 +102,20 @@ def test_the_best_lora_is_the_one_at_the_lowest_score(tiny_teacher, images, tmp_
     assert len(set(scores.values())) == 3  # the LoRA moved between validations, and the score with it
     _, what, best, at = logged[3]
     assert (best, at) == (scores[best_step], best_step)
-    assert what.startswith("FD of unet features to the teacher's 4-step samples; 4 samples on the captions of 2 "
-                           f"image pairs of {data} withheld by --validation-split auto; 1 step ")
+    assert what.startswith(f"{SCORES[DEFAULT_SCORE].describe(4)}; 4 samples on the captions of 2 image pairs of "
+                           f"{data} withheld by --validation-split auto; 1 step ")
     kept, meta = lora(out / f"{cfg.name}_best.safetensors")
     source = out / (f"{cfg.name}_step{best_step:07d}.safetensors" if best_step < 3 else f"{cfg.name}.safetensors")
     expected, _ = lora(source)
     assert kept.keys() == expected.keys() and all(torch.equal(kept[k], expected[k]) for k in kept)
-    assert (meta["scott.step"], meta["scott.validation_score_name"]) == (str(best_step), "unet_fd_teacher")
+    assert (meta["scott.step"], meta["scott.validation_score_name"]) == (str(best_step), DEFAULT_SCORE)
     assert float(meta["scott.validation_score"]) == pytest.approx(scores[best_step], rel=1e-4)
     record = json.loads((out / "best.json").read_text())
-    assert (record["step"], record["name"]) == (best_step, "unet_fd_teacher")
+    assert (record["step"], record["name"]) == (best_step, DEFAULT_SCORE)
     assert record["score"] == pytest.approx(scores[best_step], rel=1e-4)
-    board = tensorboard_scalars(out / "logs", "val/unet_fd_teacher")
+    board = tensorboard_scalars(out / "logs", f"val/{DEFAULT_SCORE}")
     assert board == pytest.approx(scores, rel=1e-4)
-    assert sorted(tensorboard_scalars(out / "logs", "val/unet_fd_teacher/4_steps")) == [1, 2, 3]
+    assert sorted(tensorboard_scalars(out / "logs", f"val/{DEFAULT_SCORE}/4_steps")) == [1, 2, 3]
 
 
 def test_a_resumed_run_scores_as_a_straight_one_and_keeps_the_best_so_far(

@@ -1,11 +1,11 @@
-"""What keep-best scores on and training never sees (--validation-split, --validation-data): a seeded share of the
+"""What keep-best scores and training never sees (--validation-split, --validation-data): a seeded share of the
 user's image pairs taken before bucketing, a folder of its own, shapes-world scenes whose captions no training scene
 has, or prompts the data-free synthesis never draws.
 
 The default share ('auto') is 5 % of the pairs (or prompts), at least 2 and at most 64: a 20-image set gives 2 and
-keeps 18; 1,280 pairs and more give 64, which with one noise each are the 64 samples keep-best scores (fewer
-captions are scored from several noises each), so a 100,000-image set loses 0.06 % and every validation costs the
-same. At least 2, so that the score sees more than one caption.
+keeps 18; 1,280 pairs and more give 64, so a 100,000-image set loses 0.06 %. Keep-best scores a fixed number of
+samples (--validation-samples) whatever the count, each caption from several noises, so more withheld captions cost
+training data, not validation time; at least 2, so that the score sees more than one caption.
 """
 
 import functools
