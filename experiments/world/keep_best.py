@@ -7,12 +7,13 @@ Spearman's rank correlation of each score with the judge's FD, over the checkpoi
     OMP_NUM_THREADS=1 python -m training.distill --teacher demo --max-steps 1000 --save-every 100 \\
         --validate-every 0 --output runs/kb1000
     OMP_NUM_THREADS=1 python -m experiments.world.keep_best --run runs/kb1000 --json docs/keep_best_world.json
-    (--samples 256: keep-best with --validation-samples 256)
+    (--samples 256: keep-best with --validation-samples 256; --seed 1: other noises for the samples)
 
 Resumable: each LoRA's scores are cached under <run>/keep_best_scores/.
 """
 
 import argparse
+import functools
 import json
 import re
 from pathlib import Path
@@ -46,11 +47,13 @@ def step_loras(folder, name):
     return dict(sorted(found.items()))
 
 
-def run_config(folder, samples):
+def run_config(folder, samples, seed=None):
     """The run's own config (its config.toml), with keep-best on as the trainer's defaults have it, scoring
-    `samples` samples."""
+    `samples` samples; `seed` (the run's if None) draws their noises."""
+    extra = [] if seed is None else ["--seed", str(seed)]
     return parse_config(["--config", str(Path(folder) / "config.toml"), "--validate-every", "100",
-                         "--validation-split", "auto", "--validation-samples", str(samples), "--output", str(folder)])
+                         "--validation-split", "auto", "--validation-samples", str(samples), "--output", str(folder),
+                         *extra])
 
 
 def keep_best_scores(run, validation, lora):
@@ -113,37 +116,74 @@ def correlations(scores, fds):
     return out
 
 
+def kept(scores):
+    """{score name: the checkpoint keep-best keeps by it} (the lowest mean over step counts)."""
+    return {name: min(scores, key=lambda s: mean(scores[s][name])) for name in SCORES}
+
+
+def scorer(cfg):
+    """score(lora) -> keep_best_scores of the LoRA, and origin() -> the validation set's origin; the run is built
+    and its validation set prepared once, on the first call (a run whose caches are all there builds nothing)."""
+    @functools.cache
+    def setup():
+        run = build(cfg)
+        return run, prepare(run, run.holdout)
+
+    return (lambda lora: keep_best_scores(*setup(), lora)), (lambda: {"origin": setup()[1].origin})
+
+
+def judge(n_eval, seed):
+    """fd(lora) -> judge_fd of the LoRA on the first `n_eval` evaluation captions, its noises drawn from `seed`; the
+    captions, real images and classifier are made on the first call."""
+    @functools.cache
+    def setup():
+        captions = [scenes.caption_at(i, report.EVAL_SEED) for i in range(n_eval)]
+        return captions, real_images(n_eval, report.EVAL_SEED), load_classifier()
+
+    return lambda lora: judge_fd(lora, *setup(), seed=seed)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.world.keep_best", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="the run's --output folder (with --save-every LoRAs)")
     parser.add_argument("--n-eval", type=int, default=1000, help="the judge's evaluation captions (report: 1000)")
     parser.add_argument("--samples", type=int, default=64, help="keep-best's samples (--validation-samples)")
+    parser.add_argument("--seed", type=int, default=None, help="another --seed for the samples' noises (default: "
+                        "the run's)")
+    parser.add_argument("--judge-seed", type=int, default=0, help="the judge's student noises (another one: the "
+                        "judge's own noise)")
+    parser.add_argument("--steps", default=None, help="only these checkpoints, comma-separated (default: all)")
     parser.add_argument("--json", default=None, help="write the scores, FDs and correlations here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = run_config(args.run, args.samples)
+    cfg = run_config(args.run, args.samples, args.seed)
+    tag = f"s{args.samples}" + ("" if args.seed is None else f"_seed{args.seed}")
+    judge_tag = f"n{args.n_eval}" + ("" if args.judge_seed == 0 else f"_seed{args.judge_seed}")
     loras = step_loras(args.run, cfg.name)
-    run = build(cfg)
-    validation = prepare(run, run.holdout)
-    captions = [scenes.caption_at(i, report.EVAL_SEED) for i in range(args.n_eval)]
-    real, model = real_images(args.n_eval, report.EVAL_SEED), load_classifier()
+    if args.steps:
+        loras = {s: loras[s] for s in map(int, args.steps.split(","))}
     work = Path(args.run) / "keep_best_scores"
+    score_of, origin = scorer(cfg)
+    fd_of = judge(args.n_eval, args.judge_seed)
     scores, fds = {}, {}
     for step, lora in loras.items():
-        scores[step] = cached(work / f"step{step}_scores_s{args.samples}.json",
-                              lambda lora=lora: keep_best_scores(run, validation, lora))
-        fds[step] = cached(work / f"step{step}_fd_n{args.n_eval}.json",
-                           lambda lora=lora: judge_fd(lora, captions, real, model))
+        scores[step] = cached(work / f"step{step}_scores_{tag}.json", lambda lora=lora: score_of(lora))
+        fds[step] = cached(work / f"step{step}_fd_{judge_tag}.json", lambda lora=lora: fd_of(lora))
         print(f"step {step}: judge FD {mean(fds[step]):.2f}, " + ", ".join(
             f"{name} {mean(v):.4g}" for name, v in scores[step].items()), flush=True)
-    rho = correlations(scores, fds)
+    rho, keeps = correlations(scores, fds), kept(scores)
+    best = min(fds, key=lambda s: mean(fds[s]))
+    print(f"the judge's best: step {best} (FD {mean(fds[best]):.2f})")
     for name, per in sorted(rho.items(), key=lambda item: -item[1]["mean"]):
         print(f"{name:<22} Spearman with the judge's FD: mean {per['mean']:+.3f}; "
-              + ", ".join(f"{k} step {per[str(k)]:+.3f}" for k in STEP_COUNTS))
+              + ", ".join(f"{k} step {per[str(k)]:+.3f}" for k in STEP_COUNTS)
+              + f"; keeps step {keeps[name]} (judge FD {mean(fds[keeps[name]]):.2f})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": str(args.run), "validation": validation.origin,
-                                               "samples": len(validation.seeds), "n_eval": args.n_eval,
-                                               "scores": scores, "judge_fd": fds, "spearman": rho}, indent=1) + "\n")
+        validation = cached(work / f"validation_{tag}.json", origin)["origin"]
+        Path(args.json).write_text(json.dumps({"run": str(args.run), "validation": validation,
+                                               "samples": args.samples, "n_eval": args.n_eval,
+                                               "judge_seed": args.judge_seed, "scores": scores, "judge_fd": fds,
+                                               "spearman": rho, "kept": keeps}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
