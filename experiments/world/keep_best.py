@@ -7,7 +7,8 @@ Spearman's rank correlation of each score with the judge's FD, over the checkpoi
     OMP_NUM_THREADS=1 python -m training.distill --teacher demo --max-steps 1000 --save-every 100 \\
         --validate-every 0 --output runs/kb1000
     OMP_NUM_THREADS=1 python -m experiments.world.keep_best --run runs/kb1000 --json docs/keep_best_world.json
-    (--samples 256: keep-best with --validation-samples 256; --seed 1: other noises for the samples)
+    (--samples 64: keep-best with --validation-samples 64; --seed 1: other noises for the samples; --judge-seed 1:
+    other noises for the judge's images)
 
 Resumable: each LoRA's scores are cached under <run>/keep_best_scores/.
 """
@@ -147,7 +148,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.world.keep_best", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="the run's --output folder (with --save-every LoRAs)")
     parser.add_argument("--n-eval", type=int, default=1000, help="the judge's evaluation captions (report: 1000)")
-    parser.add_argument("--samples", type=int, default=64, help="keep-best's samples (--validation-samples)")
+    parser.add_argument("--samples", type=int, default=256, help="keep-best's samples (--validation-samples; "
+                        "default: the trainer's)")
     parser.add_argument("--seed", type=int, default=None, help="another --seed for the samples' noises (default: "
                         "the run's)")
     parser.add_argument("--judge-seed", type=int, default=0, help="the judge's student noises (another one: the "
