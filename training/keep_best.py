@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .data.skips import Skip, refuse_io_errors
 from .data.synth import teacher_pipeline
 from .encode import encode_text
 from .eval import features, metrics, scorers
@@ -132,8 +133,7 @@ def prepare(run, holdout):
     captions, seeds = sample_plan(holdout.captions, cfg.validation_samples, cfg.seed)
     shape = latent_shape(teacher, cfg.resolution)
     cond = encode_text(run, captions)
-    pixels = [load() for load in holdout.images] if holdout.images else []
-    pixels = torch.stack([p for p in pixels if p is not None]) if any(p is not None for p in pixels) else None
+    pixels = readable(holdout.images or [])
 
     def make():
         out = {}
@@ -151,6 +151,15 @@ def prepare(run, holdout):
                                               .permute(0, 2, 3, 1))
     return ValidationSet(captions, cond, run.uncond, seeds, shape, {k: v.to(device) for k, v in references.items()},
                          images, holdout.origin)
+
+
+def readable(loaders):
+    """The withheld images that read, stacked ([N, 3, R, R]; None if none): an unreadable one is left out, an I/O
+    error stops the run naming the file."""
+    loaded = [load() for load in loaders]
+    refuse_io_errors([p for p in loaded if isinstance(p, Skip)])
+    pixels = [p for p in loaded if isinstance(p, torch.Tensor)]
+    return torch.stack(pixels) if pixels else None
 
 
 def student_sampler(run, validation):

@@ -15,11 +15,13 @@ from scott_core.schedule import alphas_cumprod, training_grid
 from . import checkpoint
 from .config import DistillConfig, UserError
 from .data.buckets import bucket_report
-from .data.cache import CachedPairs, Encoders, fill, text_key
+from .data.cache import CachedPairs, Encoders, encoder_id, fill, text_key
 from .data.holdout import Holdout
-from .data.images import PairDataset, make_loader
+from .data.images import PairDataset, epoch_batches, make_loader
 from .data.prepare import synthetic_dataset, training_data
+from .data.skips import Skipped
 from .encode import batch_latents, encode_moments, encode_text
+from .errors import DataError
 from .export import export_lora
 from .keep_best import Judges, KeepBest, check_judges, score_line, student_scores
 from .keep_best import prepare as prepare_validation
@@ -27,7 +29,7 @@ from .memory import OutOfMemory, out_of_memory_message
 from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_checkpointing
 from .models.discriminator import DiscriminatorHead, feature_channels
 from .models.teacher import Teacher, check_teacher_path, load_teacher, on_device
-from .runfile import write_run_file
+from .runfile import RUN_FILE, write_run_file
 from .step import SCottStep, draw, scott_backward
 from .validation import read_prompts, validation_grid
 
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 log = logging.getLogger("training")
+
+SKIPPED = "skipped.txt"  # <output>/skipped.txt: every input the run does not train on, with its reason
+MIN_EMPTY_DRAWS = 100  # empty micro-batches in a row (or one epoch's, if more) that stop a run which cannot read data
 
 
 class TrainingDiverged(UserError):
@@ -54,6 +59,7 @@ class Run:
     dataset: PairDataset  # or cache.CachedPairs over it (--cache-latents)
     grid: torch.Tensor
     uncond: torch.Tensor | None
+    skips: Skipped  # every input not trained on (this process's draws), for <output>/skipped.txt
     holdout: Holdout | None = None  # what keep-best scores and training never sees
 
     @property
@@ -128,14 +134,14 @@ def optimise(cfg, accelerator, model):
 def build(cfg):
     """Accelerator, data (less what keep-best withholds), teacher + adapters + head, optimiser: a run ready at
     step 0."""
-    accelerator = make_accelerator(cfg)
+    accelerator, output = make_accelerator(cfg), Path(cfg.output)
     check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
     cfg.source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
     checkpoint.check_resume_data(cfg)
     check_judges(cfg)  # --inception / --clip files
     dataset, prompts, holdout = training_data(cfg, accelerator)
     if dataset is not None and dataset.bucketed and accelerator.is_main_process:
-        log.info(bucket_report(dataset, cfg, accelerator.num_processes))
+        log.info(bucket_report(dataset.groups()))
     teacher = load_teacher(
         cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
     )
@@ -144,8 +150,19 @@ def build(cfg):
     model, optimizer, scheduler = optimise(cfg, accelerator, step_model(cfg, teacher))
     teacher.vae.to(accelerator.device)
     teacher.text_encoder.to(accelerator.device)
-    run = Run(cfg, accelerator, model, optimizer, scheduler, teacher, dataset, training_grid(cfg.grid_spacing), None,
-              holdout)
+    run = Run(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        teacher,
+        dataset,
+        training_grid(cfg.grid_spacing),
+        None,
+        Skipped(output / SKIPPED, dataset.skips + dataset.undrawn(cfg.batch_size * accelerator.num_processes)),
+        holdout,
+    )
     if cfg.cache_latents:
         run.dataset = cache_latents(run)
         run.uncond = run.dataset.uncond().to(accelerator.device)
@@ -160,17 +177,18 @@ def cache_latents(run):
     accelerator, cfg, teacher = run.accelerator, run.cfg, run.teacher
     root = Path(cfg.output) / "cache"
     encoders = Encoders(latents=lambda pixels: encode_moments(run, pixels), text=lambda c: encode_text(run, c, False))
-    latent_keys, text_keys, made = fill(
-        run.dataset, teacher.sha256, root, encoders, accelerator.process_index, accelerator.num_processes,
-        cfg.batch_size,
+    encoder = encoder_id(teacher.sha256, teacher.vae.dtype, teacher.text_encoder.dtype)
+    filled = fill(
+        run.dataset, encoder, root, encoders, accelerator.process_index, accelerator.num_processes, cfg.batch_size
     )
+    run.skips.add(filled.unreadable)
     accelerator.wait_for_everyone()
-    log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, made)
+    log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, filled.made)
     teacher.vae.to("cpu")
     teacher.text_encoder.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return CachedPairs(run.dataset, root, latent_keys, text_keys, text_key(teacher.sha256, ""))
+    return CachedPairs(run.dataset, root, filled.latent_keys, filled.text_keys, text_key(encoder, ""))
 
 
 def train_step(run, batches, step):
@@ -207,21 +225,24 @@ def data_batches(run, start_step):
         start_batch=start_step * cfg.grad_accum,
         num_workers=cfg.num_workers,
     )
-    for first, batch in enumerate(loader):
-        if first == 0:  # images dropped before training (unreadable, under the smallest bucket) count as skipped
-            batch["skipped"] += getattr(run.dataset, "scan_skipped", 0)
-        yield batch
+    yield from loader
 
 
-def take_micro_batches(batches, count):
-    """`count` non-empty micro-batches, and how many unreadable images the loader skipped on the way."""
-    micro, skipped = [], 0
+def take_micro_batches(batches, count, skipped=None, patience=MIN_EMPTY_DRAWS):
+    """`count` non-empty micro-batches and the Skips met on the way (recorded in `skipped`, a Skipped); `patience`
+    empty micro-batches in a row stop the run with one line naming the first unreadable files."""
+    skipped = Skipped() if skipped is None else skipped
+    micro, met, empty = [], [], 0
     while len(micro) < count:
         batch = next(batches)
-        skipped += batch["skipped"]
+        skipped.add(batch["skipped"])
+        met += batch["skipped"]
+        empty = 0 if batch["captions"] else empty + 1
         if batch["captions"]:
             micro.append(batch)
-    return micro, skipped
+        elif empty >= patience:
+            raise DataError(skipped.stuck(empty))
+    return micro, met
 
 
 def validate(run, step, prompts):
@@ -270,6 +291,24 @@ def keep_best(run, step, validation, keeper, judges):
     return value
 
 
+def write_skips(run):
+    """<output>/skipped.txt from the main process; a write that fails (a full disk) is a warning, not a second error."""
+    if not run.accelerator.is_main_process:
+        return
+    try:
+        run.skips.write()
+    except OSError as error:
+        log.warning("could not write %s: %s", run.skips.path, error)
+
+
+def gather_skips(run):
+    """Every process's skips into each one's run.skips (the images each met unreadable in its own draws)."""
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        run.skips.add(gather_object(list(run.skips)))
+
+
 def step_lora_path(cfg, step):
     """Where --save-every writes the LoRA of optimiser step `step`: <output>/<name>_step<N>.safetensors."""
     return Path(cfg.output) / f"{cfg.name}_step{step:07d}.safetensors"
@@ -310,25 +349,26 @@ def train_run(cfg, where):
     keeper = KeepBest.open(output / "best.json", cfg.keep_best_score, resume)
     judges = Judges.load(cfg) if validation is not None else None
     if main:
-        write_run_file(cfg, output / "config.toml")
+        write_run_file(cfg, output / RUN_FILE)
+        write_skips(run)
+        trained = sum(pair.file not in run.skips for pair in run.dataset.pairs)  # not in a small bucket, cached
         log.info(
-            "%d pairs (%d images without a caption skipped); keep-best: %s; %s",
-            len(run.dataset),
-            run.dataset.missing_captions,
+            "%s; keep-best: %s; %s",
+            run.skips.report(trained),
             run.holdout.origin if run.holdout else "off",
             f"resuming at step {step}" if resume else "fresh run",
         )
     if accelerator.log_with:
         accelerator.init_trackers("scott", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    batches, skipped = data_batches(run, step), 0
+    batches = data_batches(run, step)
+    patience = max(MIN_EMPTY_DRAWS, epoch_batches(run.dataset, cfg.batch_size, accelerator.num_processes))
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=cfg.mode)
     run.model.train()
     started = time.perf_counter()
     try:
         while step < cfg.max_steps:
             where.doing = f"at step {step + 1}"
-            micro, dropped = take_micro_batches(batches, cfg.grad_accum)
-            skipped += dropped
+            micro, _ = take_micro_batches(batches, cfg.grad_accum, run.skips, patience)
             try:
                 losses = train_step(run, micro, step)
             except TrainingDiverged as exc:
@@ -337,11 +377,11 @@ def train_run(cfg, where):
                 ) from None
             step += 1
             lr = run.scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=skipped)
+            progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=len(run.skips))
             progress.update(1)
             if accelerator.log_with and step % cfg.log_every == 0:
                 accelerator.log(
-                    {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": skipped},
+                    {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": len(run.skips)},
                     step=step,
                 )
             if main and step % cfg.log_every == 0:  # the disc's hinge, margin, ratio too
@@ -354,16 +394,19 @@ def train_run(cfg, where):
                 where.doing = f"while validating at step {step}"
                 validate(run, step, prompts)
                 keep_best(run, step, validation, keeper, judges)
+        gather_skips(run)
     finally:
         progress.close()
+        write_skips(run)  # every process's skips; only this one's when the run stops early
     path = output / f"{cfg.name}.safetensors"
     if main:
         export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path, step=step)
         log.info(
-            "%d steps in %.1f s; %d unreadable images skipped; LoRA written to %s",
+            "%d steps in %.1f s; %d inputs skipped, listed in %s; LoRA written to %s",
             step,
             time.perf_counter() - started,
-            skipped,
+            len(run.skips),
+            run.skips.path,
             path,
         )
     accelerator.wait_for_everyone()

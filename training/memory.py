@@ -192,11 +192,13 @@ def fake_tensor(fake_mode, tensor, device):
 def largest_size(cfg):
     """(width, height) of the largest crop the run trains on: its largest bucket (of equal areas the squarest), or
     resolution^2."""
-    from .data.buckets import bucket_sizes, uses_buckets
+    from .data.buckets import bucket_rules, bucket_sizes
 
-    if not uses_buckets(cfg):
+    rules = bucket_rules(cfg)
+    if rules is None:
         return cfg.resolution, cfg.resolution
-    return max(bucket_sizes(cfg.resolution), key=lambda size: (size[0] * size[1], -abs(size[0] - size[1])))
+    sizes = bucket_sizes(cfg.resolution, rules.min_reso, rules.max_reso)
+    return max(sizes, key=lambda size: (size[0] * size[1], -abs(size[0] - size[1])))
 
 
 def micro_batch(run, size):
@@ -205,13 +207,13 @@ def micro_batch(run, size):
     teacher, batch = run.teacher, run.cfg.batch_size
     if not run.cfg.cache_latents:
         return {"pixels": torch.rand(batch, 3, size[1], size[0]) * 2 - 1, "captions": ["a photograph"] * batch,
-                "skipped": 0}
+                "skipped": []}
     scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     latent = (batch, teacher.vae.config.latent_channels, size[1] // scale, size[0] // scale)
     hidden = (batch, teacher.tokenizer.model_max_length, teacher.text_encoder.config.hidden_size)
     return {"mean": torch.randn(latent, dtype=teacher.vae.dtype), "std": torch.rand(latent, dtype=teacher.vae.dtype),
             "cond": torch.randn(hidden, dtype=teacher.text_encoder.dtype), "captions": ["a photograph"] * batch,
-            "skipped": 0}
+            "skipped": []}
 
 
 def step_run(cfg, accelerator, teacher, fake_mode=None):
@@ -220,6 +222,7 @@ def step_run(cfg, accelerator, teacher, fake_mode=None):
     loop moves them after caching."""
     from scott_core.schedule import training_grid
 
+    from .data.skips import Skipped
     from .encode import encode_text
     from .loop import Run, optimise, step_model
 
@@ -229,7 +232,8 @@ def step_run(cfg, accelerator, teacher, fake_mode=None):
         make_fake(model, fake_mode, accelerator.device)
     with fake_mode or contextlib.nullcontext():
         model, optimizer, scheduler = optimise(cfg, accelerator, model)
-        run = Run(cfg, accelerator, model, optimizer, scheduler, teacher, None, training_grid(cfg.grid_spacing), None)
+        run = Run(cfg, accelerator, model, optimizer, scheduler, teacher, None, training_grid(cfg.grid_spacing), None,
+                  Skipped())
         if cfg.cache_latents:
             hidden = (1, teacher.tokenizer.model_max_length, teacher.text_encoder.config.hidden_size)
             run.uncond = torch.zeros(hidden, device=accelerator.device)  # the cache's empty caption, float32

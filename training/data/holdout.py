@@ -22,8 +22,9 @@ WORLD_SEED = 11  # validation scenes come from this world seed: training renders
 
 @dataclass
 class Holdout:
-    """The validation set: its captions, and for each a loader of its image ([3, R, R] pixels in [-1, 1], None if
-    unreadable) where there is one (None for prompts); `origin` says where they come from, for the log."""
+    """The validation set: its captions, and for each a loader of its image ([3, R, R] pixels in [-1, 1], or the
+    Skip of an unreadable one) where there is one (None for prompts); `origin` says where they come from, for the
+    log."""
 
     captions: list
     images: list | None

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from . import holdout
-from .buckets import bucketable, uses_buckets
+from .buckets import bucket_rules, bucketable
 from .images import PairDataset
 from .sources import ImageFolder, World
 from .synth import synthesize_run
@@ -60,7 +60,7 @@ def _source_data(cfg, accelerator):
         held = holdout.world_scenes(source, spec, cfg.resolution)
         source = world_folder(source, cfg.output, accelerator)
     withhold = holdout.pair_splitter(spec, cfg.seed) if bucketable(cfg.source) else None
-    dataset = PairDataset(source, cfg.resolution, uses_buckets(cfg), withhold)
+    dataset = PairDataset(source, cfg.resolution, bucket_rules(cfg), withhold)
     if dataset.withheld:
         origin = f"{len(dataset.withheld)} image pairs of {source} withheld by --validation-split {spec}"
         held = holdout.from_pairs(dataset.withheld, cfg.resolution, origin)
