@@ -27,9 +27,9 @@ def to_kohya(peft_sd, alpha, family):
     return {k: v.contiguous() for k, v in lora_format.to_kohya(peft_sd, meta, family.core).items()}
 
 
-def metadata(cfg, family, teacher_name, teacher_sha256, step=None):
+def metadata(cfg, family, teacher_name, teacher_sha256, step=None, extra=None):
     """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob), how to sample,
-    and (given) the optimiser step it was taken at."""
+    (given) the optimiser step it was taken at, and `extra` {key: value} (keep-best's score and its name)."""
     values = {
         "scott.format": "1",
         "scott.base_model": teacher_name,
@@ -48,6 +48,7 @@ def metadata(cfg, family, teacher_name, teacher_sha256, step=None):
         "modelspec.architecture": family.modelspec_architecture,
         "modelspec.title": cfg.name,
         **({"scott.step": step} if step is not None else {}),
+        **(extra or {}),
     }
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
     return {
@@ -56,15 +57,15 @@ def metadata(cfg, family, teacher_name, teacher_sha256, step=None):
     }
 
 
-def export_lora(unet, cfg, family, teacher_name, teacher_sha256, path, step=None):
-    """Write the student LoRA to `path` atomically (temp + rename) in `family`'s kohya naming, `step` in its
-    metadata; returns the kohya state dict."""
+def export_lora(unet, cfg, family, teacher_name, teacher_sha256, path, step=None, extra=None):
+    """Write the student LoRA to `path` atomically (temp + rename) in `family`'s kohya naming, `step` and `extra` in
+    its metadata; returns the kohya state dict."""
     from safetensors.torch import save_file
 
     state = to_kohya(peft_state_dict(unet), cfg.lora_alpha, family)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata(cfg, family, teacher_name, teacher_sha256, step))
+    save_file(state, str(tmp), metadata=metadata(cfg, family, teacher_name, teacher_sha256, step, extra))
     os.replace(tmp, path)
     return state

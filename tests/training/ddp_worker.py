@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: SCott steps (3 unless given) on each rank, then save this rank's
-trainable tensors and the captions it trained on. Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM [STEPS]]."""
+trainable tensors, the captions it trained on and those keep-best withheld (with `split`: validation on, so
+--validation-split auto applies). Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM [STEPS] [split]]."""
 
 import json
 import sys
@@ -15,8 +16,11 @@ from training.loop import build, data_batches, train_step  # noqa: E402
 
 teacher, data, output = sys.argv[1:4]
 accum = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
-run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3, grad_accum=accum))
+extra = sys.argv[5:]
+steps = next((int(arg) for arg in extra if arg.isdigit()), 3)
+validate_every = 1 if "split" in extra else 0
+run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3, grad_accum=accum,
+                             validate_every=validate_every))
 rank, seen, batches = run.accelerator.process_index, [], data_batches(run, 0)
 for step in range(steps):
     micro = [next(batches) for _ in range(accum)]
@@ -24,5 +28,6 @@ for step in range(steps):
     train_step(run, micro, step)
 save_file(trainable_state(run.accelerator.unwrap_model(run.model)), f"{output}/rank{rank}.safetensors")
 Path(f"{output}/rank{rank}.json").write_text(
-    json.dumps({"world": run.accelerator.num_processes, "seen": seen})
+    json.dumps({"world": run.accelerator.num_processes, "seen": seen,
+                "withheld": run.holdout.captions if run.holdout else []})
 )

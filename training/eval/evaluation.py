@@ -153,18 +153,25 @@ def per_image_noise(seeds, shape, device):
     return draw(), draw
 
 
+@torch.no_grad()
+def consistency_latents(unet, cond, uncond, seeds, steps, gamma, cfg, shape):
+    """Clean latents from scott_core's SCott sampler on the UNet as it is (LoRA-patched or its adapter active) in
+    `steps` LCM-grid steps: sample i from seeds[i]'s start noise and re-noise, captions `cond`, guidance `cfg` against
+    `uncond` (the Conditionings of the captions and of the family's unconditional embedding, one row)."""
+    ab = alphas_cumprod()
+    z, noise_sampler = per_image_noise(seeds, shape, cond.states.device)
+    denoiser = consistency_denoiser(guided_eps(unet, cond, uncond.like(cond), cfg), ab)
+    return sample_scott(denoiser, z, lcm_timesteps(steps), ab, gamma=gamma, noise_sampler=noise_sampler)
+
+
 def consistency_generator(teacher, steps, gamma, cfg, resolution, device):
     """generate(prompts, seeds) -> PIL images from scott_core's SCott sampler on the (LoRA-patched) teacher UNet."""
-    ab, timesteps = alphas_cumprod(), lcm_timesteps(steps)
     shape = latent_shape(teacher, resolution)
 
     def generate(prompts, seeds):
         cond = encode(teacher, prompts, resolution, device)
-        uncond = teacher.family.uncond(encode(teacher, [""], resolution, device)).like(cond)
-        z, noise_sampler = per_image_noise(seeds, shape, device)
-        denoiser = consistency_denoiser(guided_eps(teacher.unet, cond, uncond, cfg), ab)
-        with torch.no_grad():
-            x0 = sample_scott(denoiser, z, timesteps, ab, gamma=gamma, noise_sampler=noise_sampler)
+        uncond = teacher.family.uncond(encode(teacher, [""], resolution, device))
+        x0 = consistency_latents(teacher.unet, cond, uncond, seeds, steps, gamma, cfg, shape)
         return [Image.fromarray(image.numpy()) for image in decode(teacher.vae, x0)]
 
     return generate

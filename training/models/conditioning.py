@@ -58,6 +58,15 @@ class Conditioning:
 
         return Conditioning(pick(self.states, other.states), pick(self.pooled, other.pooled), self.time_ids)
 
+    def pipeline_kwargs(self, uncond):
+        """The prompt-embedding arguments of the family's diffusers pipeline for these captions against `uncond` (one
+        row per caption): prompt_embeds and negative_prompt_embeds, and SDXL's pooled pair where present (the
+        pipeline makes its own time ids: uncropped, at the height and width it is asked for)."""
+        kwargs = {"prompt_embeds": self.states, "negative_prompt_embeds": uncond.states}
+        if self.pooled is not None:
+            kwargs.update(pooled_prompt_embeds=self.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+        return kwargs
+
     def unet_kwargs(self):
         """The keyword arguments of a diffusers UNet2DConditionModel call: encoder_hidden_states, and SDXL's
         added_cond_kwargs (text_embeds, time_ids) where a pooled embedding is present."""

@@ -1,6 +1,7 @@
 """The teacher: what a checkpoint is (single file or diffusers folder), refused kinds in one line (scott_core's
 family table), offline loading with its family's pipeline, and its captions encoded as the family encodes them."""
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,3 +247,17 @@ def family_pipeline(family, vae, unet, text_encoders, tokenizers, scheduler):
         vae=vae, unet=unet, scheduler=scheduler, **dict(zip(family.text_encoders, text_encoders)),
         **dict(zip(family.tokenizers, tokenizers)), **family.pipeline_kwargs,
     )
+
+
+@contextlib.contextmanager
+def on_device(module, device):
+    """`module` on `device` inside the context, back where it was after (the VAE leaves the GPU once latents are
+    cached; validation decodes on the GPU all the same)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if home != torch.device(device) and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
