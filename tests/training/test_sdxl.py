@@ -164,14 +164,19 @@ def test_validation_rows_carry_their_own_size_as_time_ids(xl, tmp_path, monkeypa
 
 @pytest.mark.parametrize("mode", ["scott", "lcm"])
 def test_both_modes_train_and_export_an_sdxl_lora(mode, tiny_xl_teacher, tiny_data, tmp_path, tiny_config):
-    path = train(tiny_config(tiny_xl_teacher, tiny_data, tmp_path / mode, mode=mode, validate_every=1))
+    cfg = tiny_config(tiny_xl_teacher, tiny_data, tmp_path / mode, mode=mode, validate_every=1)
+    path = train(cfg)
     with safe_open(str(path), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
         ups = [f.get_tensor(k) for k in keys if k.endswith("lora_up.weight")]
     assert meta["scott.mode"] == mode and meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert all(k.startswith("lora_unet_") for k in keys) and any(u.abs().max() > 0 for u in ups)  # it trained
-    assert sorted(p.name for p in (tmp_path / mode / "validation").iterdir()) == ["step_0000001.png",
-                                                                                  "step_0000002.png"]
+    grids = sorted(p.name for p in (tmp_path / mode / "validation").glob("step_*.png"))
+    assert grids == ["step_0000001.png", "step_0000002.png"]
+    with safe_open(str(tmp_path / mode / f"{cfg.name}_best.safetensors"), "pt") as f:  # keep-best scored SDXL
+        best = f.metadata()
+    assert best["ss_base_model_version"] == "sdxl_base_v1-0" and best["scott.step"] in ("1", "2")
+    assert best["scott.validation_score_name"] == cfg.keep_best_score
 
 
 def test_datafree_images_are_the_sdxl_pipelines_own(tiny_xl_teacher, tmp_path):
