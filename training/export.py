@@ -27,8 +27,8 @@ def to_kohya(peft_sd, alpha):
 
 
 def metadata(cfg, teacher_name, teacher_sha256, step=None):
-    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob), how to sample,
-    and (given) the optimiser step it was taken at."""
+    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob, the adversarial
+    schedule), how to sample, and (given) the optimiser step it was taken at."""
     values = {
         "scott.format": "1",
         "scott.base_model": teacher_name,
@@ -39,6 +39,7 @@ def metadata(cfg, teacher_name, teacher_sha256, step=None):
         **{f"scott.{knob}": getattr(cfg, knob) for knob in SOLVERS[cfg.solver].knobs},  # only the knob it used
         "scott.sub_steps": cfg.sub_steps,
         "scott.adv_weight": cfg.adv_weight,
+        **adversarial_schedule(cfg),
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.lora_alpha,
@@ -53,6 +54,14 @@ def metadata(cfg, teacher_name, teacher_sha256, step=None):
         **values,
         **lora_format.sampling_metadata(cfg.recommended_steps, cfg.recommended_gamma, cfg.recommended_cfg),
     }
+
+
+def adversarial_schedule(cfg):
+    """The adversarial term's schedule as metadata (adversarial runs only): its linear decay and how often the
+    discriminator updated."""
+    if not cfg.adv_weight:
+        return {}
+    return {"scott.adv_decay_steps": cfg.adv_decay_steps, "scott.disc_every": cfg.disc_every}
 
 
 def export_lora(unet, cfg, teacher_name, teacher_sha256, path, step=None):
