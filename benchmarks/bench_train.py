@@ -7,6 +7,8 @@ baseline (a separate frozen teacher copy), on a tiny SD-family UNet or a random 
     python benchmarks/bench_train.py --estimate-memory --model sd15 --resolution 512 --batch-size 8 \
         --mixed-precision bf16
     python benchmarks/bench_train.py --measure --model sd15 --resolution 512 --batch-size 8 --mixed-precision bf16
+    python benchmarks/bench_train.py --estimate-memory --model sd15 --resolution 512 --batch-size 8 \
+        --mixed-precision bf16 --trainer-flags "--mode lcm --adv-weight 0.4"
 
 --estimate-memory runs the trainer's own step on fake tensors (benchmarks/memory.py) and prints one JSON line per
 configuration (scott and lcm, each without and with gradient checkpointing, with the latent cache as the trainer's
@@ -24,6 +26,7 @@ import argparse
 import copy
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -133,10 +136,26 @@ MEMORY_CONFIGS = (
 )
 
 
+def trainer_overrides(flags):
+    """'--mode lcm --adv-weight 0.4' -> ('lcm', {'adv_weight': 0.4}): the trainer options the flags set."""
+    from training.cli import build_parser
+
+    parser = build_parser()
+    given = vars(parser.parse_args(["--teacher", "-", *shlex.split(flags)]))
+    overrides = {k: v for k, v in given.items() if k not in ("teacher", "config") and v != parser.get_default(k)}
+    return overrides.pop("mode", "scott"), overrides
+
+
 def memory_table(args):
-    """One JSON line per configuration: the fake-tensor estimate, or (--measure) the CUDA measurement."""
+    """One JSON line per configuration: the fake-tensor estimate, or (--measure) the CUDA measurement; with
+    --trainer-flags one line, the estimate of that configuration."""
     if args.measure and not torch.cuda.is_available():
         sys.exit("error: --measure needs a CUDA GPU; use --estimate-memory on this machine")
+    if args.trainer_flags is not None:
+        mode, overrides = trainer_overrides(args.trainer_flags)
+        result = estimate(mode, args.model, args.resolution, args.batch_size, args.mixed_precision,
+                          args.gradient_checkpointing, overrides=overrides)
+        return print(json.dumps({**result, "flags": args.trainer_flags}), flush=True)
     run = measure if args.measure else estimate
     for config, checkpointing, cache in MEMORY_CONFIGS:
         started = time.perf_counter()
@@ -158,6 +177,9 @@ def main():
     parser.add_argument("--configs", default="scott/one-unet,lcm/one-unet,scott/two-unet,lcm/two-unet")
     parser.add_argument("--estimate-memory", action="store_true", help="GPU peak and FLOPs on fake tensors")
     parser.add_argument("--measure", action="store_true", help="GPU peak of the same configurations on CUDA")
+    parser.add_argument("--trainer-flags", default=None, metavar="FLAGS", help="with --estimate-memory: estimate "
+                        "one configuration, these training.distill flags over the mode's defaults (e.g. \"--mode "
+                        "scott --sub-steps 1 --disc-features down_mid\"); its full step (discriminator updating)")
     args = parser.parse_args()
     args.resolution = args.resolution or (16 if args.model == "tiny" else 64)
     if args.estimate_memory or args.measure:

@@ -275,15 +275,17 @@ def synth_step(unet, vae, dim, scale, resolution, batch_size, device, mixed_prec
 
 
 def estimate(config, model="tiny", resolution=None, batch_size=8, mixed_precision="bf16", gradient_checkpointing=False,
-             cache_latents=True):
+             cache_latents=True, overrides=None):
     """One JSON-ready dict: the estimated GPU peak (GiB) of `config` (scott | lcm | synth), per phase, and FLOPs;
-    cache_latents as the trainer's --[no-]cache-latents (synth: the sampler, which has no cache)."""
+    cache_latents as the trainer's --[no-]cache-latents (synth: the sampler, which has no cache); overrides: other
+    trainer options ({field: value}) over the mode's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     resolution = resolution or (16 if model == "tiny" else 512)
     device = torch.device("cpu")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    cfg = run_config("lcm" if config == "lcm" else "scott", model, mixed_precision, gradient_checkpointing)
+    cfg = run_config("lcm" if config == "lcm" else "scott", model, mixed_precision, gradient_checkpointing,
+                     **(overrides or {}))
     step, vae, text, dim, scale, optimizer = build(cfg, model, device, fake_mode)
     counter = LiveBytes()
     with fake_mode, norms_in_fp32():

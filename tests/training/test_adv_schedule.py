@@ -128,3 +128,14 @@ def test_save_steps_export_those_steps_and_the_last_is_the_final_lora(tiny_teach
     last, meta = lora_format.read_safetensors(tmp_path / "mine_step0000003.safetensors")
     final, _ = lora_format.read_safetensors(tmp_path / "mine.safetensors")
     assert meta["scott.step"] == "3" and all(torch.equal(last[k], final[k]) for k in final)
+
+
+def test_bench_train_estimates_a_configuration_given_by_trainer_flags():
+    from benchmarks.bench_train import trainer_overrides
+    from benchmarks.memory import estimate
+
+    assert trainer_overrides("--mode lcm --adv-weight 0.4 --disc-every 2") == ("lcm", {"adv_weight": 0.4,
+                                                                                       "disc_every": 2})
+    assert trainer_overrides("--sub-steps 1") == ("scott", {"sub_steps": 1})
+    plain = estimate("scott", "tiny", 16, 2, "no", overrides={"adv_weight": 0.0})  # scott's has the disc phase
+    assert set(plain["phases"]) == {"weights", "latents", "estimate", "student_loss", "optimizer"}
