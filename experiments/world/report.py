@@ -17,8 +17,10 @@ as a markdown table; and a PNG strip per row for generation seed 0.
 import argparse
 import json
 import math
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,6 +51,8 @@ ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, sp
     "h1": ["--mode", "scott", "--sub-steps", "1"],
     "down_mid": ["--mode", "scott", "--disc-features", "down_mid"],
     "lcm_adv": ["--mode", "lcm", "--adv-weight", "0.4"],
+    "scott_lite": ["--mode", "scott", "--solver", "ode", "--sub-steps", "1", "--disc-features", "down_mid",
+                   "--adv-decay-steps", "500"],
 }
 REFERENCES = {"real": (0,), "teacher": (25,), "nolora": (1, 2, 4)}  # rows that train nothing: their step counts
 STUDENT_STEPS = (1, 2, 4)
@@ -105,10 +109,18 @@ def distill_argv(world, arm, seed, folder, checkpoints, train_images, teacher="d
 
 
 def distill(loras, argv):
-    """Train with the CLI unless every LoRA in `loras` already exists."""
+    """Train with the CLI unless every LoRA in `loras` already exists; prints the run's CPU seconds."""
     if not all(lora.is_file() for lora in loras):
+        before = cpu_seconds()
         subprocess.run([sys.executable, "-m", "training.distill", *argv], check=True)
+        print(f"trained {loras[-1].parent.name} to {loras[-1].stem}: {cpu_seconds() - before:.0f} s CPU", flush=True)
     return loras
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process's finished children (the training runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def load_pipeline(lora=None, teacher="demo"):
@@ -342,11 +354,13 @@ class Grid:
 
     def score_lora(self, arm, seed, trained, lora, keep_strip):
         """Sample the evaluation captions from a LoRA at every student step count missing, and score them."""
+        started = time.process_time()
         captions, pipe = self.captions(), load_pipeline(lora, self.teacher)
         for steps in STUDENT_STEPS:
             if not self.score_file(arm, seed, steps, trained).is_file():
                 images = student_images(pipe, captions, steps, seed)
                 self.score(arm, seed, steps, trained, images, captions, keep_strip)
+        print(f"scored {arm} seed {seed} after {trained} steps: {time.process_time() - started:.0f} s CPU", flush=True)
 
     def reference(self, arm, seed):
         """Score a reference row: another real draw, the teacher, or the teacher without a LoRA (nolora)."""
