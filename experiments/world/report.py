@@ -498,12 +498,12 @@ def main(argv=None):
     parser.add_argument("--n-eval", type=int, default=1000, help="captions (and real images) per evaluation set")
     parser.add_argument("--no-train", action="store_true", help="score only LoRAs already trained; list the rest")
     parser.add_argument("--summary-only", action="store_true", help="train and score nothing: summarize the cache")
-    parser.add_argument("--import-results", default=None, metavar="JSON",
-                        help="first cache the per-seed values of a results JSON (e.g. docs/world_results.json) so "
-                        "they are not rerun")
+    parser.add_argument("--import-results", nargs="+", default=[], metavar="JSON",
+                        help="first cache the per-seed values of results JSONs (e.g. docs/world_results.json, "
+                        "docs/curves/world_curves.json) so they are not rerun")
     args = parser.parse_args(argv)
-    if args.import_results:
-        print(f"cached {import_results(args.import_results, args.out, args.train_images)} scored sets")
+    for path in args.import_results:
+        print(f"cached {import_results(path, args.out, args.train_images)} scored sets from {path}")
     common = dict(world=args.world, seeds=args.seeds, n_eval=args.n_eval, train_images=args.train_images,
                   train=not (args.no_train or args.summary_only), score=not args.summary_only, teacher=args.teacher)
     if args.budgets:
