@@ -344,9 +344,10 @@ class Grid:
             self.reference(arm, seed)
             return True
         loras = [self.lora(arm, seed, n) for n in todo]
-        if train:
+        if train:  # the run saves every checkpoint on its way, scored (imported) ones too: they can be checked
             folder = curve_folder(self.out, self.world, arm, seed, self.train_images, self.teacher)
-            distill(loras, distill_argv(self.world, arm, seed, folder, todo, self.train_images, self.teacher))
+            saves = [n for n in checkpoints if n <= todo[-1]]
+            distill(loras, distill_argv(self.world, arm, seed, folder, saves, self.train_images, self.teacher))
         for n, lora in zip(todo, loras):
             if lora.is_file():
                 self.score_lora(arm, seed, n, lora, keep_strip=n == max(checkpoints))
