@@ -140,11 +140,32 @@ def markdown(numbers):
             for arm in numbers["checkpoints"]:
                 cells = [value_cell(blocks[str(b)], arm, steps, metric) for b in budgets]
                 lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "**Which arm** has the lowest mean FD at each budget and step count, and the runner-up's paired "
+              "difference to it (mean +- SE, seeds):", "",
+              "| budget | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in report.STUDENT_STEPS) + " |",
+              "|" + "---|" * (len(report.STUDENT_STEPS) + 1)]
+    for b in budgets:
+        lines.append(f"| {b} | " + " | ".join(which(blocks[str(b)], str(k)) for k in report.STUDENT_STEPS) + " |")
     lines += ["", "**Rule** (better: FD lower beyond 2 SE; worse: FD higher or exact match lower beyond 2 SE):", ""]
     for arm, verdict in numbers["rule"].items():
         lines.append(f"- {arm}: {'passes' if verdict['passes'] else 'does not pass'}; better at "
                      f"{'; '.join(verdict['better']) or 'none'}; worse at {'; '.join(verdict['worse']) or 'none'}")
     return "\n".join(lines)
+
+
+def which(block, steps):
+    """'lcm; scott +12.000 +- 2.000 (3) **real**': the student arm with the lowest mean FD at one budget and step
+    count, and the runner-up's paired difference to it."""
+    means = {arm: per[steps]["fd"][0] for arm, per in block["rows"].items()
+             if arm not in report.REFERENCES and steps in per}
+    if not means:
+        return "-"
+    best, *rest = sorted(means, key=means.get)
+    if not rest:
+        return best
+    second = rest[0]
+    diff = report.paired(block["raw"][second][steps]["fd"], block["raw"][best][steps]["fd"])
+    return f"{best}; {second} {report.diff_cell(diff)}"
 
 
 def value_cell(block, arm, steps, metric):

@@ -125,3 +125,14 @@ def test_the_rule_needs_a_real_win_and_no_real_loss():
         "budget 100, 2 step: exact_match -0.050 +- 0.010 (5 seeds)"]
     assert verdict["noisy"] == {"better": [], "worse": ["budget 300, 2 step: fd +3.000 +- 1.000 (5 seeds)"],
                                 "passes": False}
+
+
+def test_which_names_the_lowest_fd_and_the_runner_up_paired_to_it():
+    raw = {"lcm": {"1": {"fd": {"0": 10.0, "1": 12.0, "2": 11.0}}},
+           "scott": {"1": {"fd": {"0": 14.0, "1": 15.0, "2": 14.5}}},
+           "lite": {"1": {"fd": {"0": 9.0, "1": 13.0, "2": 9.5}}},
+           "teacher": {"25": {"fd": {"0": 1.0}}}}
+    rows, _ = report.summarize(raw)
+    # lite's mean 10.5 < lcm's 11.0; lcm - lite = +1, -1, +1.5: mean 0.5, SE of (1, -1, 1.5)
+    assert curves.which({"rows": rows, "raw": raw}, "1").startswith("lite; lcm +0.500 +- 0.764 (3)")
+    assert curves.which({"rows": rows, "raw": raw}, "2") == "-"
