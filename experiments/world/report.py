@@ -51,8 +51,7 @@ ARMS = {  # each differs from --mode scott's defaults (ER-SDE 5, 3 sub-steps, sp
     "h1": ["--mode", "scott", "--sub-steps", "1"],
     "down_mid": ["--mode", "scott", "--disc-features", "down_mid"],
     "lcm_adv": ["--mode", "lcm", "--adv-weight", "0.4"],
-    "scott_lite": ["--mode", "scott", "--solver", "ode", "--sub-steps", "1", "--disc-features", "down_mid",
-                   "--adv-decay-steps", "500"],
+    "scott_lite": ["--mode", "scott", "--solver", "ode", "--sub-steps", "1", "--adv-decay-steps", "500"],
 }
 REFERENCES = {"real": (0,), "teacher": (25,), "nolora": (1, 2, 4)}  # rows that train nothing: their step counts
 STUDENT_STEPS = (1, 2, 4)

@@ -52,7 +52,7 @@ def test_arm_and_world_selection():
         "grid20": {"grid_spacing"}, "adv_lr": {"disc_lr"}, "ode_adv": {"solver"}, "adv_frozen": {"disc_lr"},
         "below500": {"solver", "noise_below", "adv_weight"}, "h1": {"sub_steps"}, "down_mid": {"disc_features"},
         "lcm_adv": {"mode", "name", "solver", "sub_steps", "span", "grid_spacing"},
-        "scott_lite": {"solver", "sub_steps", "disc_features", "adv_decay_steps"}}
+        "scott_lite": {"solver", "sub_steps", "adv_decay_steps"}}
     with pytest.raises(ValueError, match="unknown arm.*bogus: choose from lcm, scott"):
         report.run_grid("o", "d", ["lcm", "bogus"])
     with pytest.raises(ValueError, match="world must be one of shapes, diverse"):
