@@ -202,6 +202,7 @@ def plot(numbers, path):
         for row, x in enumerate(("training TFLOP", "optimiser steps")):
             ax = axes[row][col]
             ax.set(xscale="log", xlabel=x, title=f"{metric} at {steps} step{'s' if steps != '1' else ''}")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels overlap
             if metric == "fd" and teacher:
                 ax.axhline(teacher[0], color="grey", linestyle="--", label="teacher 25 steps")
     axes[0][0].legend(fontsize=8)
