@@ -8,11 +8,13 @@
 Runs alternate between the two contenders; each figure is the fastest of --repeats runs after a warm-up (the
 least disturbed by other processes on a shared machine), the median follows in brackets.
 
-    python benchmarks/bench_nodes.py [--checkpoint FILE] [--size 512] [--steps 8] [--repeats 5]
+    python benchmarks/bench_nodes.py [--family sd15|sdxl] [--checkpoint FILE] [--size PX] [--steps 8] [--repeats 5]
+                                     [--parts per-step,sampler,end-to-end]
 
-Without --checkpoint it uses the tests' reduced-depth random SD1.5 fixture (built and cached like the
-tests do, in $SCOTT_TEST_CACHE): its UNet is ~8x cheaper than SD1.5's, its VAE full size, so end-to-end
-ratios are lower than with a real checkpoint. ComfyUI is found like the tests find it (COMFYUI_PATH, ...).
+Without --checkpoint it uses the tests' reduced random fixture of the family (built and cached like the tests do,
+in $SCOTT_TEST_CACHE): SD1.5's UNet is ~8x cheaper than SD1.5's, SDXL's (Segmind-Vega's depths at 320 channels) far
+cheaper than SDXL's, their VAEs and SDXL's text encoders full size, so end-to-end ratios are lower than with a real
+checkpoint. --size defaults to the family's resolution (512, 1024). ComfyUI is found like the tests find it.
 """
 
 import argparse
@@ -28,21 +30,34 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "nodes"))  # the ComfyUI harness, fixtures and graphs the tests use
+sys.path.insert(0, str(REPO))
 import comfy_harness  # noqa: E402
 import scott_fixtures  # noqa: E402
+import sdxl_fixtures  # noqa: E402
+
+from scott_core import families  # noqa: E402
+
+FIXTURE = {"sd15": "checkpoint", "sdxl": "sdxl_checkpoint"}
 
 
-def setup(checkpoint):
+def setup(checkpoint, family):
     """ComfyUI in this process with the SCott pack (the tests' harness); returns (comfy, checkpoint path)."""
     comfy_path = comfy_harness.find_comfyui()
     if comfy_path is None:
         sys.exit("no ComfyUI checkout: set COMFYUI_PATH")
     comfy_harness.import_comfyui(comfy_path, cpu=not torch.cuda.is_available(), previews=False)
-    paths = scott_fixtures.build_all(comfy_harness.fixture_cache_dir())
+    cache = comfy_harness.fixture_cache_dir()
+    paths = {**scott_fixtures.build_all(cache), **(sdxl_fixtures.build_sdxl(cache) if family == "sdxl" else {})}
     if checkpoint:
-        paths["checkpoint"] = Path(checkpoint)
+        paths[FIXTURE[family]] = Path(checkpoint)
     comfy = comfy_harness.Comfy(paths, Path(tempfile.mkdtemp(prefix="scott-bench-")))
-    return comfy, paths["checkpoint"]
+    return comfy, paths[FIXTURE[family]]
+
+
+def conditioning(clip, text):
+    """CONDITIONING of `text` with its pooled output (SDXL's added conditioning needs it; SD1.5 ignores it)."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
 
 
 def timed(fn):
@@ -60,7 +75,7 @@ def per_step(comfy, checkpoint, size, steps, repeats):
 
     pack, patch = comfy_harness.Comfy.pack("nodes.sampler"), comfy_harness.Comfy.pack("nodes.model_sampling")
     model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)[:2]
-    cond = [[clip.encode_from_tokens(clip.tokenize("a lighthouse at sunset")), {}]]
+    cond = conditioning(clip, "a lighthouse at sunset")
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
     sigmas = pack.scott_sigmas(steps, 1.0)
@@ -143,8 +158,7 @@ def sampler_only(comfy, checkpoint, size, repeats):
 
     pack, patch = comfy_harness.Comfy.pack("nodes.sampler"), comfy_harness.Comfy.pack("nodes.model_sampling")
     model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)[:2]
-    pos = [[clip.encode_from_tokens(clip.tokenize("a lighthouse at sunset")), {}]]
-    neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    pos, neg = conditioning(clip, "a lighthouse at sunset"), conditioning(clip, "")
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
     karras = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 25)
@@ -183,46 +197,65 @@ def sampler_only(comfy, checkpoint, size, repeats):
     return summary(times)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--checkpoint", help="an SD1.5 .safetensors checkpoint (default: the reduced fixture)"
-    )
-    parser.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
-    parser.add_argument("--steps", type=int, default=8, help="steps for the per-step comparison")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    comfy, checkpoint = setup(args.checkpoint)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(
-        f"machine: {platform.platform()}, {device}, torch {torch.__version__}, "
-        f"load avg {os.getloadavg()[0]:.1f}"
-    )
-    print(
-        f"checkpoint: {checkpoint.name}{'' if args.checkpoint else ' (reduced random SD1.5 test fixture)'}; "
-        f"{args.size}x{args.size} px, batch 1, fastest of {args.repeats} runs after a warm-up [median]"
-    )
+def report_per_step(comfy, checkpoint, args):
     steps = per_step(comfy, checkpoint, args.size, args.steps, args.repeats)
     ratio = steps["SCott Sampler"][0] / steps["core lcm"][0]
+    median_ratio = steps["SCott Sampler"][1] / steps["core lcm"][1]
     print(
         f"per step ({args.steps} steps, cfg 1): SCott Sampler {fmt(steps['SCott Sampler'], 1e3, 'ms', 1)}, "
-        f"core lcm {fmt(steps['core lcm'], 1e3, 'ms', 1)}, ratio {ratio:.3f} (goal <= 1.02)"
+        f"core lcm {fmt(steps['core lcm'], 1e3, 'ms', 1)}, ratio {ratio:.3f} [{median_ratio:.3f}] (goal <= 1.02)"
     )
+
+
+def report_sampler_only(comfy, checkpoint, args):
     sampling = sampler_only(comfy, checkpoint, args.size, args.repeats)
     print(
         f"sampler only: SCott 2 steps cfg 1 {fmt(sampling['scott'])}, dpmpp_2m 25 steps cfg 7 "
         f"{fmt(sampling['dpmpp_2m'])}, speed-up {sampling['dpmpp_2m'][0] / sampling['scott'][0]:.1f}x "
         "(goal >= 15x)"
     )
+
+
+def report_end_to_end(comfy, checkpoint, args):
     e2e = end_to_end(comfy, checkpoint, args.size, args.repeats)
     print(
         f"end to end (prompt incl. VAE decode + save): SCott {fmt(e2e['scott'])}, "
         f"dpmpp_2m {fmt(e2e['dpmpp_2m'])}, "
         f"speed-up {e2e['dpmpp_2m'][0] / e2e['scott'][0]:.1f}x (goal >= 15x)"
     )
+
+
+PARTS = {"per-step": report_per_step, "sampler": report_sampler_only, "end-to-end": report_end_to_end}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(families.FAMILIES), default="sd15", help="model family")
+    parser.add_argument(
+        "--checkpoint", help="a .safetensors checkpoint of the family (default: its reduced test fixture)"
+    )
+    parser.add_argument("--size", type=int, default=0, help="image size in pixels (square; 0: the family's)")
+    parser.add_argument("--steps", type=int, default=8, help="steps for the per-step comparison")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    comfy, checkpoint = setup(args.checkpoint, args.family)
+    args.size = args.size or families.FAMILIES[args.family].default_resolution
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"machine: {platform.platform()}, {device}, torch {torch.__version__}, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+    fixture = f" (reduced random {families.FAMILIES[args.family].display_name} test fixture)"
+    print(
+        f"checkpoint: {checkpoint.name}{'' if args.checkpoint else fixture}; "
+        f"{args.size}x{args.size} px, batch 1, fastest of {args.repeats} runs after a warm-up [median]"
+    )
+    for part in args.parts.split(","):
+        PARTS[part.strip()](comfy, checkpoint, args)
     print(f"load avg at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -1,4 +1,4 @@
-"""SCott LoRA Loader: an SD1.5 consistency LoRA (kohya, diffusers or peft keys) + the boundary condition."""
+"""SCott LoRA Loader: an SD1.5 or SDXL consistency LoRA (kohya, diffusers or peft keys) + the boundary condition."""
 
 import logging
 
@@ -6,7 +6,7 @@ import comfy.lora
 import folder_paths
 from comfy_api.latest import io
 
-from ..scott_core import lora_format
+from ..scott_core import families, lora_format
 from .model_sampling import CATEGORY, attach_lora_settings, model_family, patch_model_sampling
 
 
@@ -18,13 +18,16 @@ class ScottLoraLoader(io.ComfyNode):
             display_name="SCott LoRA Loader",
             category=CATEGORY,
             description=(
-                "Loads a consistency LoRA (SCott, LCM-LoRA, TCD, Hyper-SD; kohya, diffusers or peft keys) "
-                "onto an SD1.5-family model and switches the model to the consistency boundary condition. "
+                "Loads a consistency LoRA (SCott, LCM-LoRA, TCD, Hyper-SD, DMD2, Lightning, PCM; kohya, diffusers "
+                "or peft keys) onto an SD1.5- or SDXL-family model (SDXL's two text encoders included) and switches "
+                "the model to the consistency boundary condition. "
                 "Its scott.steps / scott.cfg / scott.gamma metadata become the samplers' \"from the LoRA\" "
                 "values. Fails loudly on keys that match nothing instead of dropping them."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.5-family checkpoint's MODEL."),
+                io.Model.Input(
+                    "model", tooltip="An SD1.5- or SDXL-family (eps-prediction) checkpoint's MODEL."
+                ),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP (text-encoder LoRA keys go here)."),
                 io.Combo.Input(
                     "lora_name",
@@ -45,7 +48,7 @@ class ScottLoraLoader(io.ComfyNode):
                     min=-10.0,
                     max=10.0,
                     step=0.01,
-                    tooltip="LoRA scale on the text encoder (only used if the LoRA has text-encoder keys).",
+                    tooltip="LoRA scale on the text encoder(s) (only used if the LoRA has text-encoder keys).",
                 ),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],
@@ -56,8 +59,8 @@ class ScottLoraLoader(io.ComfyNode):
         state_dict, metadata = lora_format.read_safetensors(
             folder_paths.get_full_path_or_raise("loras", lora_name)
         )
-        check_families(lora_name, lora_format.detect_family(state_dict), model_family(model))
-        kohya = lora_format.to_kohya(state_dict, metadata)
+        family = check_families(lora_name, lora_format.detect_family(state_dict), model)
+        kohya = lora_format.to_kohya(state_dict, metadata, family)
         key_map = comfy.lora.model_lora_keys_clip(
             clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {})
         )
@@ -79,13 +82,18 @@ class ScottLoraLoader(io.ComfyNode):
         return io.NodeOutput(attach_lora_settings(patch_model_sampling(new_model), settings), new_clip)
 
 
-def check_families(lora_name, lora_family, model_family_name):
-    """An SD1.5 LoRA on an SD1.5 model, or an error naming both families."""
-    if model_family_name != "sd15" or lora_family not in ("sd15", "unknown"):
+def check_families(lora_name, lora_family, model):
+    """The model's family when the LoRA is of that family (or of none detected), else an error naming both."""
+    try:
+        family = model_family(model)
+    except families.UnsupportedModel as error:
+        raise lora_format.LoraFormatError(f"LoRA {lora_name!r} is for {lora_family}, {error}") from None
+    if lora_family not in (family.name, "unknown"):
         raise lora_format.LoraFormatError(
-            f"LoRA {lora_name!r} is for {lora_family}, the model is {model_family_name}: SCott needs an "
-            "SD1.5 LoRA on an SD1.5-family model"
+            f"LoRA {lora_name!r} is for {lora_family}, the model is {family.name}: SCott needs a LoRA of the "
+            "model's family (an SD1.5 LoRA on an SD1.5-family model, an SDXL LoRA on an SDXL-family model)"
         )
+    return family
 
 
 def check_all_keys_match(lora_name, kohya, key_map):

@@ -3,8 +3,8 @@ model-sampling object (patched onto a clone) and the LoRA's recommended settings
 
 import comfy.model_sampling
 
+from ..scott_core import families
 from ..scott_core.consistency import consistency_function
-from ..scott_core.lora_format import LoraFormatError
 
 CATEGORY = "sampling/scott"
 # model_options key (ModelPatcher.model_options, copied to every clone and handed to sampler functions in
@@ -13,7 +13,7 @@ LORA_SETTINGS = "scott_lora_settings"
 
 
 class ScottModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
-    """SD1.5 discrete eps sampling whose denoised output is f(z, t) = c_skip z + c_out x0 (as core "lcm"),
+    """SD1.5/SDXL discrete eps sampling whose denoised output is f(z, t) = c_skip z + c_out x0 (as core "lcm"),
     with t the nearest integer timestep and z = x / sqrt(1 + sigma^2) the VP latent."""
 
     def calculate_denoised(self, sigma, model_output, model_input):
@@ -25,23 +25,23 @@ class ScottModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model
 
 
 def model_family(model):
-    """sd15, sd2, sdxl or the ComfyUI model config's class name, from the UNet config ComfyUI detected."""
+    """The scott_core.families entry of a ComfyUI MODEL, from what ComfyUI detected (config class, model type, input
+    channels, zero-terminal-SNR flag); families.UnsupportedModel naming the model for anything else."""
     config = model.model.model_config
-    unet = config.unet_config
-    if unet.get("adm_in_channels") or unet.get("context_dim") == 2048:
-        return "sdxl"
-    if unet.get("context_dim") == 1024 and unet.get("model_channels") == 320:
-        return "sd2"
-    if unet.get("context_dim") == 768 and unet.get("model_channels") == 320:
-        return "sd15"
-    return type(config).__name__
+    return families.family_of(
+        type(config).__name__,
+        model.model.model_type.name,
+        config.unet_config.get("in_channels", 4),
+        bool(config.sampling_settings.get("zsnr", False)),
+    )
 
 
-def check_sd15(model, what="this node"):
-    """Raise a message naming the model's family unless it is SD1.5-family (the schedule SCott uses)."""
-    family = model_family(model)
-    if family != "sd15":
-        raise LoraFormatError(f"{what} needs an SD1.5-family model, but the model is {family}")
+def check_supported(model, what="this node"):
+    """The model's family, or UnsupportedModel whose message starts with the node's name."""
+    try:
+        return model_family(model)
+    except families.UnsupportedModel as error:
+        raise families.UnsupportedModel(error.name, error.what, prefix=f"{what}: ") from None
 
 
 def is_patched(model):

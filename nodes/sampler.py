@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..scott_core import sampling, schedule
 from ..scott_core.lora_format import LoraFormatError
-from .model_sampling import CATEGORY, check_sd15, is_patched, lora_settings, patch_model_sampling
+from .model_sampling import CATEGORY, check_supported, is_patched, lora_settings, patch_model_sampling
 
 MAX_STEPS = 16
 MAX_CFG = 30.0
@@ -149,8 +149,8 @@ class ScottScheduler(io.ComfyNode):
             "used is logged.",
             inputs=[
                 io.Model.Input(
-                    "model", tooltip="The SD1.5-family model being sampled (checks its family; carries the LoRA's "
-                    "settings from SCott LoRA Loader)."
+                    "model", tooltip="The SD1.5- or SDXL-family model being sampled (checks its family; carries "
+                    "the LoRA's settings from SCott LoRA Loader)."
                 ),
                 steps_input(from_lora_allowed=True),
                 denoise_input(),
@@ -168,7 +168,7 @@ class ScottScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, denoise, timesteps="") -> io.NodeOutput:
-        check_sd15(model, "SCott Scheduler")
+        check_supported(model, "SCott Scheduler")
         if not (timesteps or "").strip():  # an explicit timestep list overrides steps: nothing to resolve
             used, sources = resolve_settings({"steps": steps}, model.model_options)
             log_settings("SCott Scheduler", used, sources)
@@ -189,7 +189,7 @@ class ScottKSampler(io.ComfyNode):
             "boundary condition if the model does not have it yet.",
             inputs=[
                 io.Model.Input(
-                    "model", tooltip="A model from SCott LoRA Loader (or any SD1.5 consistency model)."
+                    "model", tooltip="A model from SCott LoRA Loader (or any SD1.5/SDXL consistency model)."
                 ),
                 io.Int.Input(
                     "seed",
@@ -223,7 +223,7 @@ class ScottKSampler(io.ComfyNode):
     def execute(
         cls, model, seed, steps, cfg, gamma, positive, negative, latent_image, denoise
     ) -> io.NodeOutput:
-        check_sd15(model, "SCott KSampler")
+        check_supported(model, "SCott KSampler")
         used, sources = resolve_settings({"steps": steps, "cfg": cfg, "gamma": gamma}, model.model_options)
         sigmas = scott_sigmas(used["steps"], denoise)
         log_settings("SCott KSampler", used, sources)

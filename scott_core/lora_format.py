@@ -1,6 +1,7 @@
-"""LoRA state dicts for SD1.5-family models: read (safetensors only), detect format and model family, convert
-between kohya (`lora_unet_*.lora_down.weight` + `.alpha`), peft (`*.lora_A.weight`) and diffusers
-(`unet.*.lora_A.weight`) keys, and read SCott's recommended sampling settings from the file's metadata.
+"""LoRA state dicts for SD1.5- and SDXL-family models: read (safetensors only), detect format and model family,
+convert between kohya (`lora_unet_*.lora_down.weight` + `.alpha`; text encoders `lora_te_*`, SDXL `lora_te1_*` /
+`lora_te2_*`), peft (`*.lora_A.weight`) and diffusers (`unet.*.lora_A.weight`, `text_encoder[_2].*`) keys, and read
+SCott's recommended sampling settings from the file's metadata.
 
 The update a LoRA module applies is `W += strength * alpha / rank * up @ down`; every conversion keeps
 `alpha / rank`, writing it as kohya's `.alpha` or diffusers' `lora_adapter_metadata`.
@@ -14,10 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-PARTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# Multi-word module names of the SD1.5 UNet (diffusers layout) and CLIP text model: kohya joins every name
-# with "_", so these are the words that must not be split back into "."-separated path parts.
+from .families import FAMILIES, SD15
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+# kohya prefix -> model part, over every family ("lora_te_" is SD1.5's text encoder, "lora_te1_" SDXL's first).
+KOHYA_PARTS = {prefix: part for family in FAMILIES.values() for part, prefix in family.kohya_prefixes}
+DIFFUSERS_PREFIXES = tuple(sorted({prefix for f in FAMILIES.values() for _, prefix in f.diffusers_prefixes}))
+_KOHYA_KEY = "({})(.+)\\.(lora_down\\.weight|lora_up\\.weight|alpha)".format(
+    "|".join(sorted(KOHYA_PARTS, key=len, reverse=True))  # longest first: lora_te1_ before lora_te_
+)
+# Multi-word module names of the SD1.5/SDXL UNet (diffusers and original ldm layouts) and CLIP text model: kohya
+# joins every name with "_", so these are the words that must not be split back into "."-separated path parts.
 _COMPOUND_NAMES = (
     "down_blocks",
     "up_blocks",
@@ -49,6 +57,15 @@ _COMPOUND_NAMES = (
     "token_embedding",
     "position_embedding",
     "add_embedding",
+    "input_blocks",
+    "output_blocks",
+    "middle_block",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
+    "time_embed",
+    "label_emb",
 )
 SCOTT_METADATA = {"steps": ("scott.steps", int), "gamma": ("scott.gamma", float), "cfg": ("scott.cfg", float)}
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
@@ -106,13 +123,13 @@ def read_safetensors(path):
 
 
 def detect_format(state_dict):
-    """kohya (lora_unet_/lora_te_ keys), diffusers (unet./text_encoder. + lora_A/B or lora.down/up), peft
-    (bare module paths + lora_A/B); LoraFormatError when none fits."""
+    """kohya (lora_unet_/lora_te_/lora_te1_/lora_te2_ keys), diffusers (unet./text_encoder./text_encoder_2. +
+    lora_A/B or lora.down/up), peft (bare module paths + lora_A/B); LoraFormatError when none fits."""
     keys = list(state_dict)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(tuple(KOHYA_PARTS)) for k in keys):
         return "kohya"
     lora_keys = [k for k in keys if _split_peft_key(k) is not None]
-    if lora_keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in lora_keys):
+    if lora_keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in lora_keys):
         return "diffusers"
     if lora_keys:
         return "peft"
@@ -120,14 +137,15 @@ def detect_format(state_dict):
 
 
 def detect_family(state_dict):
-    """The model family a LoRA was trained for: "sdxl", "sd2", "sd15" or "unknown", from keys and shapes."""
+    """The model family a LoRA was trained for: "sdxl", "sd2", "sd15" or "unknown", from keys (a second text
+    encoder, SDXL's added embedding) and the cross-attention width of an attn2.to_k down matrix."""
     keys = list(state_dict)
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or "add_embedding" in k for k in keys):
         return "sdxl"
+    widths = {f.cross_attention_dim: f.name for f in FAMILIES.values()} | {1024: "sd2"}
     for key in keys:
         if re.search(r"attn2[._]to_k", key) and re.search(r"(lora_down|lora_A|lora\.down)", key):
-            width = state_dict[key].shape[-1]
-            return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(width, "unknown")
+            return widths.get(state_dict[key].shape[-1], "unknown")
     return "unknown"
 
 
@@ -148,11 +166,16 @@ def modules(state_dict, metadata=None):
     return out
 
 
-def to_kohya(state_dict, metadata=None):
-    """Any supported format -> kohya keys `lora_unet_<path with _>.lora_down/lora_up.weight` and `.alpha`."""
+def to_kohya(state_dict, metadata=None, family=None):
+    """Any supported format -> kohya keys `<prefix><path with _>.lora_down/lora_up.weight` and `.alpha`, with the
+    prefixes of `family` (a families.Family; default: the LoRA's detected family, SD1.5 where unknown)."""
+    family = family or FAMILIES.get(detect_family(state_dict), SD15)
+    prefixes = dict(family.kohya_prefixes)
     out = {}
     for m in modules(state_dict, metadata).values():
-        name = KOHYA_PREFIX[m.part] + m.path.replace(".", "_")
+        if m.part not in prefixes:
+            raise LoraFormatError(f"{family.display_name} models have no {m.part}; the LoRA is for SDXL")
+        name = prefixes[m.part] + m.path.replace(".", "_")
         out[f"{name}.lora_down.weight"] = m.down
         out[f"{name}.lora_up.weight"] = m.up
         out[f"{name}.alpha"] = torch.tensor(m.alpha)
@@ -224,10 +247,10 @@ def _kohya_path(name):
 def _kohya_pairs(state_dict):
     pairs = {}
     for key, value in state_dict.items():
-        match = re.fullmatch(r"lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        match = re.fullmatch(_KOHYA_KEY, key)
         if match is None:
             raise LoraFormatError(f"unsupported kohya key {key!r} (only plain LoRA: lora_down/lora_up/alpha)")
-        part = "unet" if match.group(1) == "unet" else "text_encoder"
+        part = KOHYA_PARTS[match.group(1)]
         entry = pairs.setdefault((part, _kohya_path(match.group(2))), [None, None, None])
         slot = {"lora_down.weight": 0, "lora_up.weight": 1, "alpha": 2}[match.group(3)]
         entry[slot] = float(value) if slot == 2 else value
@@ -250,7 +273,7 @@ def _peft_pairs(state_dict):
             raise LoraFormatError(f"unsupported peft/diffusers key {key!r} (only plain LoRA: lora_A/lora_B)")
         module, slot = split
         module = module.removeprefix("base_model.model.")
-        if module.startswith(("unet.", "text_encoder.")):
+        if module.startswith(DIFFUSERS_PREFIXES):
             part, path = module.split(".", 1)
         else:
             part, path = ("text_encoder", module) if module.startswith("text_model.") else ("unet", module)

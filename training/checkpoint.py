@@ -1,6 +1,6 @@
 """Resumable checkpoints on accelerate's save_state: only the LoRA weights (student, target,
-disc) and the disc head are stored beside accelerate's optimizer and RNG state; written to a temp folder
-and renamed into place."""
+disc) and the disc head are stored beside accelerate's optimizer and RNG state and a copy of the run file; written to a
+temp folder and renamed into place, so a kill or a full disk leaves the previous checkpoint whole."""
 
 import json
 import os
@@ -13,12 +13,19 @@ try:
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .config import flag_name
 from .data.buckets import bucketable
 from .errors import UserError
+from .runfile import RUN_FILE
 
 NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.json"
+BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_upscale")  # what decides the buckets, with --buckets
+
+
+class CheckpointNotWritten(UserError):
+    """A checkpoint could not be written (a full disk, an I/O error): the run stops, the previous one stays."""
 
 
 def trainable_state(model):
@@ -64,17 +71,19 @@ def checkpoints(folder):
 
 
 def save(accelerator, folder, step, keep):
-    """accelerator.save_state into step_N.tmp, then rename to step_N and delete all but the newest `keep`."""
+    """Write step_N.tmp (accelerator.save_state, the step, the run file), then rename it to step_N and delete all but
+    the newest `keep`; a write that fails (a full disk) removes step_N.tmp and stops the run with one line."""
     folder = Path(folder)
     final, tmp = folder / f"step_{step:07d}", folder / f"step_{step:07d}.tmp"
-    if accelerator.is_main_process:
+    from safetensors import SafetensorError
+
+    previous = checkpoints(folder)[-1:]
+    try:
+        _write(accelerator, tmp, step)
+    except (OSError, RuntimeError, SafetensorError) as error:  # how Python, torch.save and safetensors fail a write
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        raise CheckpointNotWritten(not_written(final, error, previous[0] if previous else None)) from None
     if accelerator.is_main_process:
-        (tmp / STATE).write_text(json.dumps({"step": step}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for stale in folder.glob("step_*.tmp"):
@@ -83,6 +92,32 @@ def save(accelerator, folder, step, keep):
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write(accelerator, tmp, step):
+    """accelerator.save_state into the fresh folder tmp, then (main process) the step and a copy of the run file."""
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE).write_text(json.dumps({"step": step}) + "\n")
+        run_file = tmp.parent.parent / RUN_FILE
+        if run_file.is_file():
+            shutil.copyfile(run_file, tmp / RUN_FILE)
+
+
+def not_written(final, error, previous):
+    """The one line of a checkpoint write that failed: what, why (the error, the disk's free space), what is kept,
+    what to do."""
+    why = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else str(error)
+    free = shutil.disk_usage(final.parent).free / 2**20
+    return (
+        f"checkpoint {final} not written: {why}; {free:.0f} MiB free on its disk; the last finished checkpoint is "
+        f"kept ({previous or 'none written yet'}): free space (or fix the disk) and rerun with --resume latest"
+    )
 
 
 def resolve(resume, folder):
@@ -105,18 +140,40 @@ def load(accelerator, path):
 
 
 def check_resume_buckets(cfg):
-    """A resume must keep the bucket setting of the run it resumes (its <output>/config.toml says which), or the
+    """A resume must keep the bucket settings of the run it resumes (its <output>/config.toml says which), or the
     data order would change under it: else one line saying which flag to give."""
     if cfg.resume is None or not bucketable(cfg.source):
         return
     found = resolve(cfg.resume, Path(cfg.output) / "checkpoints")
-    saved = Path(found).resolve().parent.parent / "config.toml" if found else None
+    saved = Path(found).resolve().parent.parent / RUN_FILE if found else None
     if saved is None or not saved.is_file():
         return
-    before = tomllib.loads(saved.read_text(encoding="utf-8")).get("buckets", False)  # older runs: square crops
-    if before != cfg.buckets:
-        flag = "--buckets" if before else "--no-buckets"
+    before = {"buckets": False, **saved_run_file(saved, found)}  # no "buckets": a run from before buckets, square
+    names = ("buckets", *BUCKET_FIELDS) if cfg.buckets and before["buckets"] else ("buckets",)
+    for name in (name for name in names if name in before and before[name] != getattr(cfg, name)):
+        then, now = _flag(name, before[name]), _flag(name, getattr(cfg, name))
         raise UserError(
-            f"--resume {found}: that run trained with {flag} and this one with "
-            f"{'--buckets' if cfg.buckets else '--no-buckets'}; give {flag} to resume it, or start a new --output"
+            f"--resume {found}: that run trained with {then} and this one with {now}; give {then} to resume it, or "
+            "start a new --output"
         )
+
+
+def _flag(name, value):
+    """'--buckets' / '--no-buckets' for a bool, '--min-bucket-reso 256' for a number."""
+    if isinstance(value, bool):
+        return flag_name(name) if value else flag_name(f"no_{name}")
+    return f"{flag_name(name)} {value}"
+
+
+def saved_run_file(path, found):
+    """The run file of the run being resumed, as a dict; a damaged one stops with one line naming it and the fix."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        copy = Path(found) / RUN_FILE
+        fix = (
+            f"copy {copy} over it (the run file that checkpoint was written with)"
+            if copy.is_file()
+            else "delete it to resume with the flags you give (they must be the run's own)"
+        )
+        raise UserError(f"--resume: the run file {path} is damaged ({error}): {fix}") from None

@@ -7,6 +7,7 @@ import dataclasses
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
 from .config import DEMO_DEFAULTS, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, flag_name
+from .data.buckets import BUCKET_DEFAULTS
 from .data.sources import METAVAR as DATA_METAVAR
 from .runfile import field_types, read_run_file
 
@@ -29,6 +30,8 @@ def _default_text(f):
     if f.name in KNOBS:
         owners = knob_owners(f.name)
         return f" (default: {SOLVERS[owners[0]].knobs[f.name]:g} with --solver {' / '.join(owners)}; unset otherwise)"
+    if f.name in BUCKET_DEFAULTS:
+        return f" (default: {BUCKET_DEFAULTS[f.name]}, kohya's)"
     if f.name in MODE_DEFAULTS["scott"]:
         return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
     return f" (default: {f.default})"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
-from .data.buckets import STEP, bucketable
+from .data.buckets import BUCKET_DEFAULTS, STEP, bucketable
 from .data.sources import WORLD_PREFIX, DataSource, parse_source
 from .errors import UserError
 
@@ -146,9 +146,23 @@ class DataOptions:
     )
     buckets: bool = _opt(
         True,
-        "aspect-ratio buckets for image folders and .tar shards: sides multiples of 64, each image resized and "
-        "center-cropped to the bucket nearest its aspect ratio, one bucket per batch (kohya style); images with a "
-        "side under the smallest bucket's are skipped; world and data-free images stay square",
+        "aspect-ratio buckets for image folders and .tar shards, by kohya sd-scripts' rules: sizes of at most "
+        "resolution^2 pixels with sides multiples of 64 from --min-bucket-reso to --max-bucket-reso, each image "
+        "resized to cover the bucket nearest its aspect ratio and center-cropped, one bucket per batch; world and "
+        "data-free images stay square",
+    )
+    min_bucket_reso: int = _opt(
+        None, "shortest bucket side in pixels (kohya's --min_bucket_reso), at most --resolution",
+        range=Range(STEP, multiple=STEP),
+    )
+    max_bucket_reso: int = _opt(
+        None, "longest bucket side in pixels (kohya's --max_bucket_reso), at least --resolution",
+        range=Range(STEP, multiple=STEP),
+    )
+    bucket_upscale: bool = _opt(
+        True,
+        "resize an image smaller than its bucket up to cover it (kohya's default); --no-bucket-upscale skips it "
+        "instead and lists it in <output>/skipped.txt",
     )
     cache_latents: bool = _opt(
         True,
@@ -352,6 +366,9 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         if self.teacher == "demo":
             values["teacher"] = str(demo_teacher())
         for key, value in MODE_DEFAULTS[self.mode].items():
+            if values[key] is None:
+                values[key] = value
+        for key, value in BUCKET_DEFAULTS.items():
             if values[key] is None:
                 values[key] = value
         for knob, value in SOLVERS[values["solver"]].knobs.items() if values["solver"] in SOLVERS else ():

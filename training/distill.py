@@ -4,7 +4,7 @@ import logging
 import sys
 
 from .cli import parse_config
-from .errors import UserError
+from .errors import UserError, disk_full
 
 
 def main(argv=None):
@@ -19,6 +19,12 @@ def main(argv=None):
         path = train(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        print(f"error: the disk is full ({exc}): free space and rerun with --resume latest (finished checkpoints and "
+              "cache entries are kept)", file=sys.stderr)
         return 2
     print(f"LoRA written to {path}")
     return 0

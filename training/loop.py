@@ -15,18 +15,20 @@ from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
 from .config import DistillConfig, UserError
-from .data.buckets import bucket_report, uses_buckets
-from .data.cache import CachedPairs, Encoders, fill, text_key
-from .data.images import PairDataset, make_loader
+from .data.buckets import bucket_report, bucket_rules
+from .data.cache import CachedPairs, Encoders, encoder_id, fill, text_key
+from .data.images import PairDataset, epoch_batches, make_loader
 from .data.prepare import synthetic_dataset, world_folder
+from .data.skips import Skipped
 from .data.sources import World
 from .encode import batch_latents, encode_moments, encode_text
+from .errors import DataError
 from .export import export_lora
 from .memory import OutOfMemory, out_of_memory_message
 from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_checkpointing
 from .models.discriminator import DiscriminatorHead, feature_channels
 from .models.teacher import Teacher, check_teacher_path, load_teacher
-from .runfile import write_run_file
+from .runfile import RUN_FILE, write_run_file
 from .step import SCottStep, draw, scott_backward, step_plan
 from .validation import HeldOut, KeepBest, heldout_loss, read_prompts, validation_grid
 
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 log = logging.getLogger("training")
+
+SKIPPED = "skipped.txt"  # <output>/skipped.txt: every input the run does not train on, with its reason
+MIN_EMPTY_DRAWS = 100  # empty micro-batches in a row (or one epoch's, if more) that stop a run which cannot read data
 
 
 class TrainingDiverged(UserError):
@@ -53,6 +58,7 @@ class Run:
     dataset: PairDataset  # or cache.CachedPairs over it (--cache-latents)
     grid: torch.Tensor
     uncond: torch.Tensor | None
+    skips: Skipped  # every input not trained on (this process's draws), for <output>/skipped.txt
 
     @property
     def unet(self):
@@ -94,9 +100,9 @@ def build(cfg):
     prompts = source.prompts() if source.data_free else None
     if isinstance(source, World):
         source = world_folder(source, cfg.output, accelerator)
-    dataset = None if source.data_free else PairDataset(source, cfg.resolution, uses_buckets(cfg))
+    dataset = None if source.data_free else PairDataset(source, cfg.resolution, bucket_rules(cfg))
     if dataset is not None and dataset.bucketed and accelerator.is_main_process:
-        log.info(bucket_report(dataset, cfg, accelerator.num_processes))
+        log.info(bucket_report(dataset.groups()))
     teacher = load_teacher(
         cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
     )
@@ -132,6 +138,7 @@ def build(cfg):
         dataset,
         training_grid(cfg.grid_spacing),
         None,
+        Skipped(output / SKIPPED, dataset.skips + dataset.undrawn(cfg.batch_size * accelerator.num_processes)),
     )
     if cfg.cache_latents:
         run.dataset = cache_latents(run)
@@ -147,17 +154,18 @@ def cache_latents(run):
     accelerator, cfg, teacher = run.accelerator, run.cfg, run.teacher
     root = Path(cfg.output) / "cache"
     encoders = Encoders(latents=lambda pixels: encode_moments(run, pixels), text=lambda c: encode_text(run, c, False))
-    latent_keys, text_keys, made = fill(
-        run.dataset, teacher.sha256, root, encoders, accelerator.process_index, accelerator.num_processes,
-        cfg.batch_size,
+    encoder = encoder_id(teacher.sha256, teacher.vae.dtype, teacher.text_encoder.dtype)
+    filled = fill(
+        run.dataset, encoder, root, encoders, accelerator.process_index, accelerator.num_processes, cfg.batch_size
     )
+    run.skips.add(filled.unreadable)
     accelerator.wait_for_everyone()
-    log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, made)
+    log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, filled.made)
     teacher.vae.to("cpu")
     teacher.text_encoder.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return CachedPairs(run.dataset, root, latent_keys, text_keys, text_key(teacher.sha256, ""))
+    return CachedPairs(run.dataset, root, filled.latent_keys, filled.text_keys, text_key(encoder, ""))
 
 
 def train_step(run, batches, step):
@@ -193,21 +201,24 @@ def data_batches(run, start_step):
         start_batch=start_step * cfg.grad_accum,
         num_workers=cfg.num_workers,
     )
-    for first, batch in enumerate(loader):
-        if first == 0:  # images dropped before training (unreadable, under the smallest bucket) count as skipped
-            batch["skipped"] += getattr(run.dataset, "scan_skipped", 0)
-        yield batch
+    yield from loader
 
 
-def take_micro_batches(batches, count):
-    """`count` non-empty micro-batches, and how many unreadable images the loader skipped on the way."""
-    micro, skipped = [], 0
+def take_micro_batches(batches, count, skipped=None, patience=MIN_EMPTY_DRAWS):
+    """`count` non-empty micro-batches and the Skips met on the way (recorded in `skipped`, a Skipped); `patience`
+    empty micro-batches in a row stop the run with one line naming the first unreadable files."""
+    skipped = Skipped() if skipped is None else skipped
+    micro, met, empty = [], [], 0
     while len(micro) < count:
         batch = next(batches)
-        skipped += batch["skipped"]
+        skipped.add(batch["skipped"])
+        met += batch["skipped"]
+        empty = 0 if batch["captions"] else empty + 1
         if batch["captions"]:
             micro.append(batch)
-    return micro, skipped
+        elif empty >= patience:
+            raise DataError(skipped.stuck(empty))
+    return micro, met
 
 
 @contextlib.contextmanager
@@ -278,6 +289,24 @@ def keep_best(run, step, held, keeper):
     return loss
 
 
+def write_skips(run):
+    """<output>/skipped.txt from the main process; a write that fails (a full disk) is a warning, not a second error."""
+    if not run.accelerator.is_main_process:
+        return
+    try:
+        run.skips.write()
+    except OSError as error:
+        log.warning("could not write %s: %s", run.skips.path, error)
+
+
+def gather_skips(run):
+    """Every process's skips into each one's run.skips (the images each met unreadable in its own draws)."""
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        run.skips.add(gather_object(list(run.skips)))
+
+
 def step_lora_path(cfg, step):
     """Where --save-every writes the LoRA of optimiser step `step`: <output>/<name>_step<N>.safetensors."""
     return Path(cfg.output) / f"{cfg.name}_step{step:07d}.safetensors"
@@ -306,24 +335,21 @@ def train(cfg):
     held = heldout_batch(run) if cfg.validate_every and accelerator.is_main_process else None
     keeper = KeepBest.open(output / "best.json", resume)
     if accelerator.is_main_process:
-        write_run_file(cfg, output / "config.toml")
-        log.info(
-            "%d pairs (%d images without a caption skipped); %s",
-            len(run.dataset),
-            run.dataset.missing_captions,
-            f"resuming at step {step}" if resume else "fresh run",
-        )
+        write_run_file(cfg, output / RUN_FILE)
+        write_skips(run)
+        trained = sum(pair.file not in run.skips for pair in run.dataset.pairs)  # not in a small bucket, cached
+        log.info("%s; %s", run.skips.report(trained), f"resuming at step {step}" if resume else "fresh run")
     if accelerator.log_with:
         accelerator.init_trackers("scott", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    batches, skipped = data_batches(run, step), 0
+    batches = data_batches(run, step)
+    patience = max(MIN_EMPTY_DRAWS, epoch_batches(run.dataset, cfg.batch_size, accelerator.num_processes))
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.mode)
     last_good = checkpoint.checkpoints(ckpt_dir)[-1:] or [None]
     run.model.train()
     started = time.perf_counter()
     try:
         while step < cfg.max_steps:
-            micro, dropped = take_micro_batches(batches, cfg.grad_accum)
-            skipped += dropped
+            micro, _ = take_micro_batches(batches, cfg.grad_accum, run.skips, patience)
             try:
                 losses = train_step(run, micro, step)
             except TrainingDiverged as exc:
@@ -334,11 +360,11 @@ def train(cfg):
                 raise OutOfMemory(out_of_memory_message(cfg, step, last_good[0])) from None
             step += 1
             lr = run.scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=skipped)
+            progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=len(run.skips))
             progress.update(1)
             if accelerator.log_with and step % cfg.log_every == 0:
                 accelerator.log(
-                    {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": skipped},
+                    {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": len(run.skips)},
                     step=step,
                 )
             if accelerator.is_main_process and step % cfg.log_every == 0:  # the disc's hinge, margin, ratio too
@@ -350,16 +376,19 @@ def train(cfg):
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 validate(run, step, prompts)
                 keep_best(run, step, held, keeper)
+        gather_skips(run)
     finally:
         progress.close()
+        write_skips(run)  # every process's skips; only this one's when the run stops early
     path = output / f"{cfg.name}.safetensors"
     if accelerator.is_main_process:
         export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path, step=step)
         log.info(
-            "%d steps in %.1f s; %d unreadable images skipped; LoRA written to %s",
+            "%d steps in %.1f s; %d inputs skipped, listed in %s; LoRA written to %s",
             step,
             time.perf_counter() - started,
-            skipped,
+            len(run.skips),
+            run.skips.path,
             path,
         )
     accelerator.wait_for_everyone()

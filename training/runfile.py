@@ -4,6 +4,7 @@ a config written back as a run file (<output>/config.toml) that reads back to th
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import types
 import typing
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from .config import GROUPS, DistillConfig
 from .errors import UserError
+
+RUN_FILE = "config.toml"  # the run file every run writes into its output folder (and each checkpoint keeps a copy of)
 
 
 def _base_type(annotation):
@@ -38,7 +41,10 @@ def read_run_file(path):
     except FileNotFoundError:
         raise UserError(f"run file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise UserError(f"run file {path} is not valid TOML: {error}") from None
+        raise UserError(
+            f"run file {path} is not valid TOML: {error}; fix that line (a run's own {RUN_FILE} has a copy in each "
+            "of its checkpoints/step_N/)"
+        ) from None
     kinds, values = field_types(), {}
     for key, value in table.items():
         name = key.replace("-", "_")
@@ -91,5 +97,9 @@ def _toml_value(value):
 
 
 def write_run_file(cfg, path):
-    """Write the config as a TOML run file (`--config` reads it back to the same run)."""
-    Path(path).write_text(to_toml(cfg), encoding="utf-8")
+    """Write the config as a TOML run file (`--config` reads it back to the same run), renamed into place so that a
+    kill or a full disk leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(to_toml(cfg), encoding="utf-8")
+    os.replace(tmp, path)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from scott_core import families
 from scott_core import lora_format as lf
 
 UNET_PATHS = [
@@ -152,3 +153,59 @@ def test_read_safetensors_reports_a_truncated_file_in_one_line(tmp_path):
 def test_bad_scott_metadata_names_the_key():
     with pytest.raises(lf.LoraFormatError, match="scott.steps"):
         lf.sampling_defaults({"scott.steps": "two"})
+
+
+SDXL_TE_PATHS = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.31.mlp.fc2"]
+
+
+def _diffusers_sdxl(rank=4):
+    """unet. (cross-attention 2048), text_encoder. (CLIP-L, 768) and text_encoder_2. (bigG, 1280) modules."""
+    sd = {f"unet.{k}": v for k, v in _peft_unet(rank, cross=2048).items()}
+    g = torch.Generator().manual_seed(2)
+    for part, width in (("text_encoder", 768), ("text_encoder_2", 1280)):
+        for path in SDXL_TE_PATHS:
+            sd[f"{part}.{path}.lora_A.weight"] = torch.randn(rank, width, generator=g)
+            sd[f"{part}.{path}.lora_B.weight"] = torch.randn(width, rank, generator=g)
+    return sd
+
+
+def test_sdxl_text_encoders_become_kohya_te1_and_te2_and_round_trip():
+    sd = _diffusers_sdxl()
+    assert lf.detect_family(sd) == "sdxl"
+    kohya = lf.to_kohya(sd)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kohya
+    assert "lora_te2_text_model_encoder_layers_31_mlp_fc2.alpha" in kohya
+    assert not any(k.startswith("lora_te_") for k in kohya)
+    back, _ = lf.to_diffusers(kohya)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_the_family_argument_picks_the_text_encoder_prefix():
+    """A CLIP-L-only LoRA reads as SD1.5 (lora_te_); on an SDXL model the loader asks for SDXL's lora_te1_."""
+    sd = {k: v for k, v in _diffusers_sdxl().items() if k.startswith("text_encoder.")}
+    assert all(k.startswith("lora_te_") for k in lf.to_kohya(sd))
+    assert all(k.startswith("lora_te1_") for k in lf.to_kohya(sd, family=families.SDXL))
+    with pytest.raises(lf.LoraFormatError, match="SD1.5 models have no text_encoder_2"):
+        lf.to_kohya(_diffusers_sdxl(), family=families.SD15)
+
+
+def test_kohya_sdxl_keys_with_original_unet_names_keep_their_names():
+    """kohya sd-scripts names SDXL UNet modules by the original (ldm) layout: input_blocks / middle_block /
+    output_blocks; conversion keeps every key and reads the module path with its multi-word names intact."""
+    names = [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+        "lora_unet_middle_block_1_proj_in",
+        "lora_unet_output_blocks_2_0_emb_layers_1",
+        "lora_unet_output_blocks_0_0_skip_connection",
+        "lora_te2_text_model_encoder_layers_3_self_attn_out_proj",
+    ]
+    sd = {}
+    for name in names:
+        width = 2048 if name.endswith("attn2_to_k") else 640
+        sd.update({f"{name}.lora_down.weight": torch.ones(4, width), f"{name}.lora_up.weight": torch.ones(640, 4)})
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    assert lf.detect_family(sd) == "sdxl"
+    assert set(lf.to_kohya(sd)) == set(sd)
+    paths = {m.path for m in lf.modules(sd).values()}
+    assert "input_blocks.4.1.transformer_blocks.0.attn2.to_k" in paths
+    assert "output_blocks.0.0.skip_connection" in paths and "middle_block.1.proj_in" in paths

@@ -82,7 +82,7 @@ class MessageLog:
 
 class Comfy:
     """A ComfyUI instance in this process (import_comfyui first), with fixture folders for checkpoints, loras
-    and outputs and this repository loaded as a node pack."""
+    and outputs (the SD1.5 and, where given, SDXL fixtures) and this repository loaded as a node pack."""
 
     def __init__(self, paths, work):
         import comfy.utils
@@ -95,8 +95,12 @@ class Comfy:
             ("checkpoints", "checkpoint"),
             ("loras", "lora_kohya"),
             ("diffusion_models", "sd2_unet"),
+            ("checkpoints", "sdxl_checkpoint"),
+            ("loras", "sdxl_lora_kohya"),
+            ("diffusion_models", "sdxl_vpred_unet"),
         ):
-            folder_paths.add_model_folder_path(folder, str(paths[key].parent), is_default=True)
+            if key in paths:
+                folder_paths.add_model_folder_path(folder, str(paths[key].parent), is_default=True)
         self.output_dir, self.input_dir = work / "output", work / "input"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.input_dir.mkdir(parents=True, exist_ok=True)

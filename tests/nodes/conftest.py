@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import scott_fixtures
+import sdxl_fixtures
 from comfy_harness import Comfy, import_comfyui
 
 
@@ -16,8 +17,8 @@ def comfy_modules(comfyui_path):
 
 @pytest.fixture(scope="session")
 def fixture_paths(comfy_modules, cache_dir):
-    """The fixture files, built on a cold cache (about 10 s) and reused after."""
-    return scott_fixtures.build_all(cache_dir)
+    """The SD1.5 and SDXL fixture files, built on a cold cache (about 10 s + 20 s) and reused after."""
+    return {**scott_fixtures.build_all(cache_dir), **sdxl_fixtures.build_sdxl(cache_dir)}
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Deterministic random-weight fixtures for the ComfyUI tests, cached outside the repo: a reduced-depth
 SD1.5-architecture checkpoint ComfyUI detects as SD15, an SD2-architecture UNet, and one set of random LoRA
-tensors written in kohya, diffusers and peft keys (plus an SDXL-looking LoRA and broken files)."""
+tensors written in kohya, diffusers and peft keys (plus an SDXL-looking LoRA and broken files); and, in a folder
+of their own (sdxl_fixtures.py), a reduced SDXL-family checkpoint with full-size text encoders and its LoRAs."""
 
 import contextlib
 import json
@@ -97,17 +98,17 @@ def build_all(cache_dir):
     variants = {f"lora_{name}": root / "loras" / f"scott_test_lora_{name}.safetensors" for name in METADATA_VARIANTS}
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / ".lock"):
+    with exclusive(root / ".lock"):
         if not all(p.exists() for p in paths.values()):
             _build(paths)
         for name, metadata in METADATA_VARIANTS.items():
             if not variants[f"lora_{name}"].exists():
-                _atomic_save(load_file(str(paths["lora_kohya"])), variants[f"lora_{name}"], metadata or None)
+                atomic_save(load_file(str(paths["lora_kohya"])), variants[f"lora_{name}"], metadata or None)
     return {k: Path(v) for k, v in {**paths, **variants}.items()}
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path):
+def exclusive(lock_path):
     """An inter-process lock where fcntl exists (POSIX); elsewhere atomic renames alone keep files whole."""
     with open(lock_path, "w") as lock:
         try:
@@ -119,7 +120,7 @@ def _exclusive(lock_path):
         yield
 
 
-def _atomic_save(tensors, path, metadata=None):
+def atomic_save(tensors, path, metadata=None):
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -131,9 +132,9 @@ def _atomic_bytes(data, path):
     os.replace(tmp, path)
 
 
-def random_state_dict(shapes, seed, dtype=torch.float16):
-    """Seeded values by role: 1-D weights (every norm scale) 1, biases 0, matrices/kernels N(0, 1/fan_in),
-    embeddings N(0, 0.02^2)."""
+def random_state_dict(shapes, seed, dtype=torch.float16, perturb=0.0):
+    """Seeded values by role: 1-D weights (every norm scale) 1, biases 0, each plus N(0, perturb^2);
+    matrices/kernels N(0, 1/fan_in), embeddings N(0, 0.02^2)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in shapes.items():
@@ -142,6 +143,8 @@ def random_state_dict(shapes, seed, dtype=torch.float16):
             continue
         if len(shape) <= 1:
             t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+            if perturb:
+                t = t + torch.randn(shape, generator=g) * perturb
         elif "embedding" in name:
             t = torch.randn(shape, generator=g) * 0.02
         else:
@@ -163,14 +166,14 @@ def unet_shapes(config):
         return _shapes(UNetModel(**config, operations=comfy.ops.disable_weight_init, device="meta"))
 
 
-def _vae_shapes():
+def vae_shapes():
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     with torch.device("meta"):
         return _shapes(AutoencoderKL(ddconfig=VAE, embed_dim=4))
 
 
-def _clip_shapes():
+def clip_shapes():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
@@ -203,13 +206,13 @@ def lora_tensors(unet_sd):
         if path.endswith("resnets.0.conv1") and not path.startswith("down_blocks.0"):
             continue
         weight = unet_sd[f"model.diffusion_model.{ukey}"]
-        mods[("unet", path)] = _lora_pair(weight.shape, g)
+        mods[("unet", path)] = lora_pair(weight.shape, g)
     for path in LORA_TE_PATHS:
-        mods[("text_encoder", path)] = _lora_pair((768, 768), g)
+        mods[("text_encoder", path)] = lora_pair((768, 768), g)
     return mods
 
 
-def _lora_pair(shape, g):
+def lora_pair(shape, g):
     out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
     down = torch.randn((LORA_RANK, in_dim, *kernel), generator=g) * 0.05
     up = torch.randn((out_dim, LORA_RANK, *((1,) * len(kernel))), generator=g) * 0.05
@@ -256,20 +259,20 @@ def lora_in_format(mods, fmt):
 def _build(paths):
     unet = random_state_dict(unet_shapes(SD15_UNET), SEED)
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
-    sd.update({f"first_stage_model.{k}": v for k, v in random_state_dict(_vae_shapes(), SEED + 1).items()})
-    clip = random_state_dict(_clip_shapes(), SEED + 2)
+    sd.update({f"first_stage_model.{k}": v for k, v in random_state_dict(vae_shapes(), SEED + 1).items()})
+    clip = random_state_dict(clip_shapes(), SEED + 2)
     sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.items()})
-    _atomic_save(sd, paths["checkpoint"])
-    _atomic_save(random_state_dict(unet_shapes(SD2_UNET), SEED + 3), paths["sd2_unet"])
+    atomic_save(sd, paths["checkpoint"])
+    atomic_save(random_state_dict(unet_shapes(SD2_UNET), SEED + 3), paths["sd2_unet"])
 
     mods = lora_tensors(sd)
     for fmt in ("kohya", "diffusers", "peft"):
         tensors, meta = lora_in_format(mods, fmt)
         if fmt == "peft":  # bare peft keys hold one model: the UNet modules
             tensors = {k: v for k, v in tensors.items() if k.startswith("base_model.model.")}
-        _atomic_save(tensors, paths[f"lora_{fmt}"], meta)
+        atomic_save(tensors, paths[f"lora_{fmt}"], meta)
     g = torch.Generator().manual_seed(SEED + 9)
-    _atomic_save(
+    atomic_save(
         {
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(
                 4, 768, generator=g
@@ -292,7 +295,7 @@ def _build(paths):
     }
     nomatch.update({k.replace("lora_down", "lora_up"): torch.ones(320, 4) for k in nomatch})
     nomatch.update(lora_in_format(dict(list(mods.items())[:2]), "kohya")[0])
-    _atomic_save(nomatch, paths["lora_nomatch"])
+    atomic_save(nomatch, paths["lora_nomatch"])
     _atomic_bytes(b"", paths["lora_empty"])
     _atomic_bytes(b"\x80\x04\x95" + b"\0" * 64, paths["lora_pickle"])
     _atomic_bytes(paths["lora_kohya"].read_bytes()[:-1000], paths["lora_truncated"])

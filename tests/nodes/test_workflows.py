@@ -1,4 +1,4 @@
-"""workflows/: every API-format graph runs in ComfyUI to a saved image (fixture names substituted, 64 px);
+"""workflows/: every API-format graph runs in ComfyUI to a saved image (its family's fixture substituted, 64 px);
 every UI-format graph names existing node types, has consistent links and is the same graph as its API
 twin; each has a small .jpg thumbnail for ComfyUI's template browser."""
 
@@ -12,10 +12,15 @@ from workflow_ui import UI_ONLY_TYPES, ui_to_api
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-EXPECTED = {"scott_txt2img", "scott_img2img", "scott_samplercustom"}
+EXPECTED = {"scott_txt2img", "scott_img2img", "scott_samplercustom", "scott_sdxl_txt2img", "scott_sdxl_img2img"}
+# The checkpoint a workflow names -> the fixture checkpoint and LoRA of its family.
+FIXTURES = {
+    "v1-5-pruned-emaonly.safetensors": ("checkpoint", "lora_kohya"),
+    "sd_xl_base_1.0.safetensors": ("sdxl_checkpoint", "sdxl_lora_kohya"),
+}
 
 
-def test_the_three_workflows_exist_in_both_formats_with_thumbnails():
+def test_the_workflows_exist_in_both_formats_with_thumbnails():
     assert {p.stem for p in API_FILES} == EXPECTED and {p.stem for p in UI_FILES} == EXPECTED
     for path in UI_FILES:
         thumb = path.with_suffix(".jpg")
@@ -25,13 +30,14 @@ def test_the_three_workflows_exist_in_both_formats_with_thumbnails():
 
 
 def substitute(api, fixture_paths, seed):
-    """Fixture checkpoint/LoRA names, the test input image, 64 px latents and a fresh seed."""
+    """The fixture checkpoint/LoRA of the workflow's family, the test input image, 64 px latents and a fresh seed."""
+    checkpoint, lora = FIXTURES[next(n["inputs"]["ckpt_name"] for n in api.values() if "ckpt_name" in n["inputs"])]
     for node in api.values():
         inputs = node["inputs"]
         if "ckpt_name" in inputs:
-            inputs["ckpt_name"] = fixture_paths["checkpoint"].name
+            inputs["ckpt_name"] = fixture_paths[checkpoint].name
         if "lora_name" in inputs:
-            inputs["lora_name"] = fixture_paths["lora_kohya"].name
+            inputs["lora_name"] = fixture_paths[lora].name
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         for key in ("seed", "noise_seed"):
@@ -44,7 +50,7 @@ def substitute(api, fixture_paths, seed):
 def test_api_workflow_runs_to_a_saved_image(comfy, fixture_paths, path):
     Image.new("RGB", (64, 64), (200, 120, 40)).save(comfy.input_dir / "example.png")
     api = json.loads(path.read_text())
-    assert any(n["inputs"].get("ckpt_name") == "v1-5-pruned-emaonly.safetensors" for n in api.values())
+    assert {n["inputs"]["ckpt_name"] for n in api.values() if "ckpt_name" in n["inputs"]} <= set(FIXTURES)
     result = comfy.run(substitute(api, fixture_paths, seed=len(path.stem)))
     assert result["ok"], result.get("error") or result.get("node_errors")
     images = comfy.output_files(result, "images", path.stem)

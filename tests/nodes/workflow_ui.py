@@ -1,7 +1,8 @@
-"""API-format <-> UI-format (litegraph) workflows, from ComfyUI's own node definitions.
+"""API-format <-> UI-format (litegraph) workflows, from ComfyUI's own node definitions, and their thumbnails.
 
 `python tests/nodes/workflow_ui.py` (with a ComfyUI checkout where the tests find one) writes
-workflows/<name>.json from workflows/api/<name>.json; the tests convert each UI file back and compare."""
+workflows/<name>.json from workflows/api/<name>.json, and workflows/<name>.jpg where there is none (SUBTITLES says
+what it shows); the tests convert each UI file back and compare."""
 
 import json
 import sys
@@ -10,6 +11,13 @@ from pathlib import Path
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UI_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 REPO = Path(__file__).resolve().parents[2]
+SUBTITLES = {
+    "scott_sdxl_txt2img": "1024 px, 4 steps, cfg 1",
+    "scott_sdxl_img2img": "4 steps, denoise 0.6",
+}
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+COLORS = {"background": (24, 28, 39), "title": (240, 194, 96), "subtitle": (180, 192, 212), "node": (68, 79, 95),
+          "scott": (88, 151, 231), "text": (255, 255, 255)}
 
 
 def node_definition(cls):
@@ -129,6 +137,25 @@ def ui_to_api(ui, classes):
     return api
 
 
+def draw_thumbnail(api, title, subtitle, path):
+    """A 512 x 384 JPEG: the title, a subtitle and the graph's nodes (text encoders left out) in two columns, SCott's
+    nodes in blue."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (512, 384), COLORS["background"])
+    draw = ImageDraw.Draw(image)
+    draw.text((24, 18), title, font=ImageFont.truetype(FONT, 32), fill=COLORS["title"])
+    draw.text((24, 64), subtitle, font=ImageFont.truetype(FONT, 18), fill=COLORS["subtitle"])
+    types = [api[n]["class_type"] for n in sorted(api, key=int) if api[n]["class_type"] != "CLIPTextEncode"]
+    for i, class_type in enumerate(types):
+        x, y = 24 + 244 * (i % 2), 104 + 52 * (i // 2)
+        scott = class_type.startswith("Scott")
+        draw.rounded_rectangle((x, y, x + 220, y + 40), 8, fill=COLORS["scott" if scott else "node"])
+        label = class_type.replace("Scott", "SCott ", 1) if scott else class_type
+        draw.text((x + 10, y + 11), label, font=ImageFont.truetype(FONT, 15), fill=COLORS["text"])
+    image.save(path, quality=90)
+
+
 def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from comfy_harness import find_comfyui, import_comfyui
@@ -144,6 +171,11 @@ def main():
         ui = api_to_ui(json.loads(api_file.read_text()), nodes.NODE_CLASS_MAPPINGS)
         (REPO / "workflows" / api_file.name).write_text(json.dumps(ui, indent=2) + "\n")
         print("wrote", REPO / "workflows" / api_file.name)
+        thumbnail = (REPO / "workflows" / api_file.name).with_suffix(".jpg")
+        if not thumbnail.exists():
+            title = "SCott " + api_file.stem.removeprefix("scott_").replace("sdxl_", "SDXL ")
+            draw_thumbnail(json.loads(api_file.read_text()), title, SUBTITLES[api_file.stem], thumbnail)
+            print("wrote", thumbnail)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The latent and caption-embedding cache: hits on a rerun without touching the encoders, a changed image or caption
 re-encoded, a corrupt entry recomputed with a warning, a killed fill resumed, ranks split with no overlap or gap,
-and the step's z0 from the cache equal to the z0 encoded on the fly for the same generator."""
+the step's z0 from the cache equal to the z0 encoded on the fly for the same generator, and fp32 entries apart from
+bf16 ones."""
 
+import errno
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +15,11 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from training.data import cache
-from training.data.cache import LATENT, TEXT, Encoders, entry_path, fill, shard
+from training.data.cache import LATENT, TEXT, CachedPairs, Encoders, entry_path, fill, shard, text_key
 from training.data.images import PairDataset, collate
+from training.data.skips import IO_ERROR, Skip, Skipped
 from training.encode import batch_latents
+from training.errors import DataError
 from training.loop import build, train
 
 
@@ -43,16 +48,45 @@ def test_two_ranks_fill_every_entry_once(tmp_path, images):
     done = []
     for rank in (0, 1):
         root = tmp_path / f"rank{rank}"
-        *_, made = fill(dataset, "teacher-sha", root, fake_encoders(), rank, 2, batch_size=3)
+        made = fill(dataset, "teacher-sha", root, fake_encoders(), rank, 2, batch_size=3).made
         done.append(entries(root))
         assert made == len(done[-1])
     assert not done[0] & done[1]
     together = tmp_path / "one"
-    latent_keys, text_keys, made = fill(dataset, "teacher-sha", together, fake_encoders())
+    latent_keys, text_keys, made, unreadable = fill(dataset, "teacher-sha", together, fake_encoders())
+    assert unreadable == []
     assert done[0] | done[1] == entries(together) and made == 7 + 8  # 7 images, 7 captions and the empty one
     assert {entry_path(together, LATENT, k).relative_to(together) for k in latent_keys} | {
         entry_path(together, TEXT, k).relative_to(together) for k in text_keys
     } < entries(together)
+
+
+def test_an_io_error_reading_a_cache_entry_stops_the_run_naming_it(tmp_path, images, monkeypatch):
+    dataset = PairDataset(images(tmp_path / "d", 2), 16)
+    root = tmp_path / "cache"
+    filled = fill(dataset, "teacher-sha", root, fake_encoders())
+    served = CachedPairs(dataset, root, filled.latent_keys, filled.text_keys, text_key("teacher-sha", ""))
+    entry, real_read = entry_path(root, LATENT, filled.latent_keys[1]), Path.read_bytes
+
+    def denied(path):
+        if path == entry:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    batch = served.collate([served[0], served[1]])  # in a loader worker: no exception, a Skip the loop refuses
+    assert batch["captions"] == ["a picture number 0"]
+    assert batch["skipped"] == [Skip(str(entry), IO_ERROR, "Permission denied")]
+    message = (
+        f"cannot read {entry}: Permission denied; fix the file's permissions or the disk and rerun (--resume latest "
+        "continues from the last checkpoint)"
+    )
+    with pytest.raises(DataError) as caught:
+        Skipped().add(batch["skipped"])
+    assert str(caught.value) == message
+    with pytest.raises(DataError) as caught:  # a rerun's fill, looking for missing entries
+        fill(dataset, "teacher-sha", root, fake_encoders())
+    assert str(caught.value) == message
 
 
 class Counts:
@@ -95,13 +129,15 @@ def test_a_changed_image_or_caption_is_reencoded(tiny_teacher, tiny_data, tmp_pa
     (tiny_data / "img005.txt").write_text("a changed caption")
     counts = Counts(monkeypatch)
     run = build(cfg)
-    assert (counts.images, counts.captions) == (1, 1)
+    assert (counts.images, counts.captions) == (2, 2)  # each in its batch of 2 (--batch-size), encoded whole
     served = run.dataset[3]
     pixels = collate([run.dataset.dataset[3]])["pixels"]
-    assert torch.equal(served["mean"], run.teacher.vae.encode(pixels).latent_dist.mean[0])
+    # Encoded in a batch of 2, here alone: equal to float rounding (the old image's entry is a different latent).
+    torch.testing.assert_close(served["mean"], run.teacher.vae.encode(pixels).latent_dist.mean[0], rtol=1e-5, atol=1e-6)
     assert run.dataset[5]["caption"] == "a changed caption"
     ids = run.teacher.tokenizer(["a changed caption"], padding="max_length", max_length=77, return_tensors="pt")
-    assert torch.equal(run.dataset[5]["cond"], run.teacher.text_encoder(ids.input_ids)[0][0])
+    hidden = run.teacher.text_encoder(ids.input_ids)[0][0]
+    torch.testing.assert_close(run.dataset[5]["cond"], hidden, rtol=1e-5, atol=1e-6)
 
 
 def test_a_corrupt_entry_is_recomputed_with_a_warning(tiny_teacher, tiny_data, tmp_path, tiny_config, monkeypatch,
@@ -115,8 +151,8 @@ def test_a_corrupt_entry_is_recomputed_with_a_warning(tiny_teacher, tiny_data, t
     with caplog.at_level(logging.WARNING):
         build(cfg)
     assert f"cache entry {path} is corrupt: recomputing it" in caplog.text
-    assert counts.images == 1 and counts.captions == 0
-    torch.testing.assert_close(load_file(str(path))["mean"], good["mean"])  # encoded alone now, in a pair before
+    assert counts.images == 2 and counts.captions == 0  # its batch of 2 again, so its bits are the first fill's
+    assert torch.equal(load_file(str(path))["mean"], good["mean"])
 
 
 def test_a_killed_fill_keeps_its_finished_entries(tiny_teacher, tiny_data, tmp_path, tiny_config, monkeypatch):
@@ -136,7 +172,7 @@ def test_a_killed_fill_keeps_its_finished_entries(tiny_teacher, tiny_data, tmp_p
     assert not list((tmp_path / "out" / "cache").rglob("*.tmp"))
     counts = Counts(monkeypatch)
     build(cfg)
-    assert (counts.images, counts.captions) == (8 - 3, 9)  # the batch of 2 and 1 of the next were finished
+    assert (counts.images, counts.captions) == (8 - 2, 9)  # the first batch of 2 was finished, the second is redone
 
 
 def test_the_cached_z0_and_captions_equal_the_encoded_ones(tiny_teacher, tiny_data, tmp_path, tiny_config):
@@ -167,3 +203,27 @@ def test_training_from_the_cache_matches_training_without_it(tiny_teacher, tiny_
     for key in (k for k in a if ".lora_B.student." in k):
         assert (a[key] - b[key]).abs().max() <= 0.05 * a[key].abs().max(), key
     assert not (tmp_path / "encoded" / "cache").exists()
+
+
+def test_an_fp32_run_after_a_bf16_run_on_one_cache_encodes_its_own_entries(tiny_teacher, tiny_data, tmp_path,
+                                                                           tiny_config, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from training.checkpoint import WEIGHTS
+
+    out = tmp_path / "out"
+    run = build(tiny_config(tiny_teacher, tiny_data, out, mixed_precision="bf16"))
+    bf16 = entries(run.dataset.root)
+    assert load_file(str(entry_path(run.dataset.root, LATENT, run.dataset.latent_keys[0])))["mean"].dtype == (
+        torch.bfloat16
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new run in this process, at another precision
+    counts = Counts(monkeypatch)
+    train(tiny_config(tiny_teacher, tiny_data, out, mixed_precision="no", checkpoint_every=2))
+    assert (counts.images, counts.captions) == (8, 9)  # nothing of the bf16 run was read
+    monkeypatch.undo()
+    assert bf16 < entries(out / "cache") and len(entries(out / "cache")) == 2 * len(bf16)
+    fresh = tmp_path / "fresh"
+    train(tiny_config(tiny_teacher, tiny_data, fresh, mixed_precision="no", checkpoint_every=2))
+    a, b = (load_file(str(o / "checkpoints" / "step_0000002" / WEIGHTS)) for o in (out, fresh))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

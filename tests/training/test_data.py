@@ -1,5 +1,6 @@
-"""Data: folder / metadata.jsonl / .csv / webdataset shards; bad pairs skipped and counted."""
+"""Data: folder / metadata.jsonl / .csv / webdataset shards; every input left out named with its reason."""
 
+import errno
 import io
 import json
 import re
@@ -9,43 +10,75 @@ import pytest
 import torch
 from PIL import Image
 
+from training.data import images as images_module
 from training.data.images import PairDataset, batch_indices, collate, resize_center_crop
+from training.data.skips import FILE_MISSING, NO_CAPTION, NO_IMAGE, NOT_LISTED, UNREADABLE, Skip
 from training.errors import DataError
 
 
-def test_folder_with_txt_captions_skips_and_counts_uncaptioned(tmp_path, images):
+def test_folder_with_txt_captions_names_the_uncaptioned(tmp_path, images):
     folder = images(tmp_path / "d", 4)
     (folder / "img001.txt").unlink()
     dataset = PairDataset(folder, 16)
-    assert len(dataset) == 3 and dataset.missing_captions == 1
+    assert len(dataset) == 3
+    assert dataset.skips == [Skip(str(folder / "img001.png"), NO_CAPTION, "no img001.txt")]
     pixels, caption = dataset[0]
     assert pixels.shape == (3, 16, 16) and -1 <= pixels.min() and pixels.max() <= 1
     assert caption == "a picture number 0"
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path, images):
+def test_an_image_with_an_unreadable_header_is_named_at_the_start(tmp_path, images):
     folder = images(tmp_path / "d", 3)
     (folder / "img001.png").write_bytes(b"not a png at all")
     dataset = PairDataset(folder, 16)
+    assert [p.caption for p in dataset.pairs] == ["a picture number 0", "a picture number 2"]
+    assert dataset.skips == [Skip(str(folder / "img001.png"), UNREADABLE, "not an image Pillow can read")]
+
+
+def truncate(path):
+    """Keep the first half of the file: the header still reads, the pixels do not."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_an_image_truncated_behind_its_header_is_a_named_skip_when_drawn(tmp_path, images):
+    folder = images(tmp_path / "d", 3)
+    truncate(folder / "img001.png")
+    dataset = PairDataset(folder, 16)
+    assert len(dataset) == 3 and dataset.skips == []  # the header reads
     batch = collate([dataset[i] for i in range(3)])
-    assert batch["skipped"] == 1 and batch["pixels"].shape == (2, 3, 16, 16)
+    assert batch["pixels"].shape == (2, 3, 16, 16)
     assert batch["captions"] == ["a picture number 0", "a picture number 2"]
+    assert batch["skipped"] == [Skip(str(folder / "img001.png"), UNREADABLE, "image file is truncated")]
 
 
 @pytest.mark.parametrize("table", ["jsonl", "csv"])
-def test_metadata_tables(tmp_path, images, table):
-    folder = images(tmp_path / "d", 3)
+def test_metadata_tables_name_missing_files_null_texts_and_unlisted_images(tmp_path, images, table):
+    folder = images(tmp_path / "d", 4)
     for txt in folder.glob("*.txt"):
         txt.unlink()
     rows = [{"file_name": f"img{i:03d}.png", "text": f"caption {i}"} for i in (0, 2)]
+    rows += [{"file_name": "gone.png", "text": "a file that is not there"}, {"file_name": "img003.png", "text": None}]
     if table == "jsonl":
         (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
+    else:  # csv has no null: a row without the text column is one
         (folder / "metadata.csv").write_text(
-            "file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n" for r in rows)
+            "file_name,text\n" + "".join(f"{r['file_name']},{r['text'] or ''}\n" for r in rows[:3]) + "img003.png\n"
         )
     dataset = PairDataset(folder, 16)
     assert [dataset[i][1] for i in range(len(dataset))] == ["caption 0", "caption 2"]
+    name = f"metadata.{table}"
+    assert dataset.skips == [
+        Skip(str(folder / "gone.png"), FILE_MISSING, f"named in {name} row 3"),
+        Skip(str(folder / "img003.png"), NO_CAPTION, f"its text is null in {name} row 4"),
+        Skip(str(folder / "img001.png"), NOT_LISTED, name),
+    ]
+
+
+def test_a_garbled_metadata_line_is_one_line(tmp_path, images):
+    folder = images(tmp_path / "d", 2)
+    (folder / "metadata.jsonl").write_text('{"file_name": "img000.png", "text": "ok"}\n{"file_name": \n')
+    with pytest.raises(DataError, match=r"metadata.jsonl line 2 is not a JSON object \(.*\); fix or remove it$"):
+        PairDataset(folder, 16)
 
 
 def write_shard(path, items):
@@ -62,16 +95,25 @@ def png_bytes(colour):
     return buffer.getvalue()
 
 
-def test_webdataset_shards_with_brace_pattern(tmp_path):
+def test_webdataset_shards_with_brace_pattern_name_samples_without_caption_or_image(tmp_path):
+    green = png_bytes((0, 255, 0))
     write_shard(
         tmp_path / "s-000.tar",
-        [("a.png", png_bytes((255, 0, 0))), ("a.txt", b"red"), ("b.png", png_bytes((0, 255, 0)))],
-    )  # b has no caption
+        [("a.png", png_bytes((255, 0, 0))), ("a.txt", b"red"), ("b.png", green), ("d.txt", b"no image")],
+    )  # b has no caption, d no image
     write_shard(
-        tmp_path / "s-001.tar", [("c.jpg", png_bytes((0, 0, 255))), ("c.json", b'{"caption": "blue"}')]
+        tmp_path / "s-001.tar",
+        [("c.jpg", png_bytes((0, 0, 255))), ("c.json", b'{"caption": "blue"}'), ("e.png", green),
+         ("e.json", b'{"url": "no caption here"}')],
     )
     dataset = PairDataset(str(tmp_path / "s-{000..001}.tar"), 8)
-    assert len(dataset) == 2 and dataset.missing_captions == 1
+    assert len(dataset) == 2
+    shards = [tmp_path / f"s-00{i}.tar" for i in (0, 1)]
+    assert dataset.skips == [
+        Skip(f"{shards[0]}:b.png", NO_CAPTION, "the sample has no .txt, .caption or .json member"),
+        Skip(f"{shards[0]}:d", NO_IMAGE, "the sample has no image member"),
+        Skip(f"{shards[1]}:e.png", NO_CAPTION, 'e.json has no "caption" or "text"'),
+    ]
     (red, cap_red), (blue, cap_blue) = dataset[0], dataset[1]
     assert (cap_red, cap_blue) == ("red", "blue")
     assert red[0].mean() > 0.9 and red[2].mean() < -0.9 and blue[2].mean() > 0.9
@@ -80,14 +122,32 @@ def test_webdataset_shards_with_brace_pattern(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: p.mkdir(), "has no usable image + caption pairs"),
-        (lambda p: (p.mkdir(), Image.new("RGB", (8, 8)).save(p / "x.png")), "1 images without a caption"),
+        (lambda p: p.mkdir(), "has no usable image + caption pairs (no images)"),
+        (lambda p: (p.mkdir(), Image.new("RGB", (8, 8)).save(p / "x.png")), "(1 no caption)"),
     ],
 )
 def test_empty_source_is_a_clear_error(tmp_path, make, message):
     make(tmp_path / "d")
     with pytest.raises(DataError, match=re.escape(message)):
         PairDataset(tmp_path / "d", 16)
+
+
+def test_a_permission_error_reading_a_header_stops_naming_the_file(tmp_path, images, monkeypatch):
+    folder = images(tmp_path / "d", 3)
+    denied = folder / "img001.png"
+
+    def open_denied(path, *args, **kwargs):
+        if path == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "open", open_denied, raising=False)
+    with pytest.raises(DataError) as caught:
+        PairDataset(folder, 16)
+    assert str(caught.value) == (
+        f"cannot read {denied}: Permission denied; fix the file's permissions or the disk and rerun "
+        "(--resume latest continues from the last checkpoint)"
+    )
 
 
 def test_missing_shards_are_named(tmp_path):

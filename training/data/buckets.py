@@ -1,14 +1,30 @@
-"""Aspect-ratio buckets (kohya sd-scripts style): sizes of about resolution^2 pixels with sides in multiples of 64;
-each image goes to the bucket nearest its aspect ratio, and a batch holds one bucket."""
+"""Aspect-ratio buckets by kohya sd-scripts' rules (library/model_util.py `make_bucket_resolutions`, library/
+train_util.py `BucketManager.select_bucket`): bucket sizes of at most resolution^2 pixels with sides in multiples of 64
+between --min-bucket-reso and --max-bucket-reso; each image goes to the bucket nearest its aspect ratio (linear ratio
+error), is resized to cover it and center-cropped; a batch holds one bucket. docs/data.md says where we differ."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, UserError
 from .sources import ImageFolder, TarShards
 
 STEP = 64
+# kohya's --min_bucket_reso / --max_bucket_reso defaults, at any resolution: the config's unset values take these (a
+# model family may bring its own).
+BUCKET_DEFAULTS = {"min_bucket_reso": 256, "max_bucket_reso": 1024}
+
+
+@dataclass(frozen=True)
+class BucketRules:
+    """How images go to buckets: the range of bucket sides and whether an image smaller than its bucket is resized up
+    to it (kohya's default) or skipped (--no-bucket-upscale)."""
+
+    min_reso: int = BUCKET_DEFAULTS["min_bucket_reso"]
+    max_reso: int = BUCKET_DEFAULTS["max_bucket_reso"]
+    upscale: bool = True
 
 
 def bucketable(source):
@@ -16,47 +32,38 @@ def bucketable(source):
     return isinstance(source, ImageFolder | TarShards)
 
 
-def bucket_sizes(resolution):
-    """(width, height) buckets of at most resolution^2 pixels, sides multiples of 64 from about resolution / 2 to
-    2 * resolution (at 512: 256..1024), the longest other side for each side, both orientations, by aspect ratio."""
+def bucket_sizes(resolution, min_reso=BUCKET_DEFAULTS["min_bucket_reso"], max_reso=BUCKET_DEFAULTS["max_bucket_reso"]):
+    """kohya's make_bucket_resolutions: the square of side resolution (floored to 64), and for each width from
+    min_reso to max_reso in steps of 64 the tallest height (a multiple of 64, at most max_reso) with width x height <=
+    resolution^2, and its transpose, where that height is >= min_reso; sorted by (width, height)."""
     area = resolution * resolution
-    low = max(STEP, math.ceil(resolution / 2 / STEP) * STEP)
-    high = max(low, 2 * resolution // STEP * STEP)
-    sizes = set()
-    for side in range(low, high + 1, STEP):
-        other = min(high, area // side // STEP * STEP)
-        if other >= low:
-            sizes.update({(side, other), (other, side)})
-    return sorted(sizes, key=lambda s: (s[0] / s[1], s[0]))
-
-
-def smallest_side(sizes):
-    """The shortest side of any bucket: an image with a side under it is skipped."""
-    return min(min(size) for size in sizes)
+    square = int(math.sqrt(area) // STEP) * STEP
+    sizes = {(square, square)}
+    for width in range(min_reso, max_reso + 1, STEP):
+        height = min(max_reso, area // width // STEP * STEP)
+        if height >= min_reso:
+            sizes.update({(width, height), (height, width)})
+    return sorted(sizes)
 
 
 def nearest_bucket(width, height, sizes):
-    """The bucket whose aspect ratio is nearest the image's (in log ratio; the first of equals)."""
-    ratio = math.log(width / height)
-    return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
+    """kohya's select_bucket: the image's own size if it is a bucket, else the bucket of least |bucket w/h - image w/h|
+    (linear ratio error; of equals the first in `sizes`, which bucket_sizes orders by (width, height))."""
+    if (width, height) in sizes:
+        return width, height
+    ratio = width / height
+    return min(sizes, key=lambda size: abs(size[0] / size[1] - ratio))
 
 
-def assign(image_sizes, resolution):
-    """Each image's bucket, or None where it is unreadable (size None) or has a side under the smallest bucket's;
-    returns (buckets, unreadable count, too-small count)."""
-    sizes = bucket_sizes(resolution)
-    low = smallest_side(sizes)
-    buckets, unreadable, too_small = [], 0, 0
-    for size in image_sizes:
-        if size is None:
-            unreadable += 1
-            buckets.append(None)
-        elif min(size) < low:
-            too_small += 1
-            buckets.append(None)
-        else:
-            buckets.append(nearest_bucket(*size, sizes))
-    return buckets, unreadable, too_small
+def cover_size(width, height, bucket):
+    """kohya's resized size: the image scaled, keeping its aspect ratio, to cover the bucket; sides rounded half up."""
+    scale = bucket[1] / height if width / height > bucket[0] / bucket[1] else bucket[0] / width
+    return max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5))
+
+
+def bucket_of(size, resolution, rules):
+    """The bucket of an image of `size` (width, height) under `rules` (BucketRules) at `resolution`."""
+    return nearest_bucket(*size, bucket_sizes(resolution, rules.min_reso, rules.max_reso))
 
 
 def group(buckets):
@@ -67,18 +74,14 @@ def group(buckets):
     return dict(sorted(groups.items(), key=lambda item: (item[0][0] / item[0][1], item[0][0])))
 
 
-def report(groups, batch_size, world_size, unreadable=0, too_small=0, low=None):
-    """'buckets (W x H: images): 512x512: 120, 448x576: 31, ...' plus what was skipped and what never fills a batch."""
-    parts = [f"{w}x{h}: {len(indices)}" for (w, h), indices in groups.items()]
-    text = "images per bucket (width x height): " + ", ".join(parts)
-    short = [f"{w}x{h}" for (w, h), indices in groups.items() if len(indices) < batch_size * world_size]
-    if short:
-        text += f"; too few to fill a batch of {batch_size * world_size}, never drawn: {', '.join(short)}"
-    if too_small:
-        text += f"; {too_small} images with a side under {low} px (the smallest bucket's) skipped"
-    if unreadable:
-        text += f"; {unreadable} unreadable images skipped"
-    return text
+def small_buckets(groups, span):
+    """The buckets of `groups` holding fewer images than a global batch of `span` (never drawn), with their indices."""
+    return {bucket: indices for bucket, indices in groups.items() if len(indices) < span}
+
+
+def bucket_report(groups):
+    """'images per bucket (width x height): 448x576: 31, 512x512: 120, ...'."""
+    return "images per bucket (width x height): " + ", ".join(f"{w}x{h}: {len(i)}" for (w, h), i in groups.items())
 
 
 def bucket_batch_indices(groups, batch_size, rank, world_size, seed, start_batch=0):
@@ -112,7 +115,19 @@ def uses_buckets(cfg):
     return cfg.buckets and bucketable(cfg.source)
 
 
-def bucket_report(dataset, cfg, world_size):
-    """The run-start line of how many images fell in each bucket (and what was skipped)."""
-    low = smallest_side(bucket_sizes(cfg.resolution))
-    return report(dataset.groups(), cfg.batch_size, world_size, dataset.unreadable, dataset.too_small, low)
+def bucket_rules(cfg):
+    """This run's BucketRules, or None where it trains square crops (--no-buckets, world or data-free data); as kohya
+    asserts, --min-bucket-reso <= --resolution <= --max-bucket-reso, else one line."""
+    if not uses_buckets(cfg):
+        return None
+    if cfg.min_bucket_reso > cfg.resolution:
+        raise UserError(
+            f"--min-bucket-reso {cfg.min_bucket_reso} is over --resolution {cfg.resolution}: give --min-bucket-reso "
+            f"{cfg.resolution} or lower"
+        )
+    if cfg.max_bucket_reso < cfg.resolution:
+        raise UserError(
+            f"--max-bucket-reso {cfg.max_bucket_reso} is under --resolution {cfg.resolution}: give --max-bucket-reso "
+            f"{cfg.resolution} or higher"
+        )
+    return BucketRules(cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_upscale)

@@ -1,10 +1,12 @@
 """The latent and caption-embedding cache under <output>/cache: VAE latent mean and std per image and CLIP hidden
 states per caption, computed once by the processes together, then read by the loader instead of encoding each step.
 
-An entry's name is a sha256 of what determines it: the teacher's sha256, the image's bytes and its crop size (the
-bucket, or resolution x resolution), or the caption's text. A changed image or caption is a new name (re-encoded,
-never stale); a teacher or resolution change likewise. Entries are written to a temporary name and renamed into
-place, so a killed run keeps what it finished; an entry that does not load is recomputed with a warning.
+An entry's name is a sha256 of what determines it: the encoders (the teacher's sha256 and the dtype they ran in), the
+image's bytes and its crop size (the bucket, or resolution x resolution), or the caption's text. A changed image or
+caption is a new name (re-encoded, never stale); a teacher, dtype or resolution change likewise. Entries are encoded
+in fixed batches (a batch with any entry missing is encoded whole, so a resumed fill writes the bits an uninterrupted
+one would), each written to a temporary name and renamed into place, so a killed run keeps what it finished; an entry
+that does not load is recomputed with a warning.
 """
 
 import hashlib
@@ -12,25 +14,34 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from .skips import IO_ERROR, NO_CACHE_ENTRY, Skip, io_error, refuse_io_errors
+
 log = logging.getLogger(__name__)
 
-VERSION = "scott-cache-v1"  # bump when what an entry holds or how it is computed changes
+VERSION = "scott-cache-v2"  # bump when what an entry holds or how it is computed changes
 LATENT, TEXT = "latents", "text"
 NAMES = {LATENT: ("mean", "std"), TEXT: ("hidden",)}
 
 
-def latent_key(teacher_sha, image_bytes, size):
-    """The entry name of an image: teacher, crop size (width, height) and the image's content."""
+def encoder_id(teacher_sha, *dtypes):
+    """What encodes the entries: the teacher's weights and the dtypes its encoders run in (an fp32 run never reads
+    bf16 entries)."""
+    return "|".join([teacher_sha, *map(str, dtypes)])
+
+
+def latent_key(encoder, image_bytes, size):
+    """The entry name of an image: the encoder (encoder_id), crop size (width, height) and the image's content."""
     content = hashlib.sha256(image_bytes).hexdigest()
-    return hashlib.sha256(f"{VERSION}|{teacher_sha}|{LATENT}|{size[0]}x{size[1]}|{content}".encode()).hexdigest()
+    return hashlib.sha256(f"{VERSION}|{encoder}|{LATENT}|{size[0]}x{size[1]}|{content}".encode()).hexdigest()
 
 
-def text_key(teacher_sha, caption):
-    """The entry name of a caption: teacher and the caption's text."""
-    return hashlib.sha256(f"{VERSION}|{teacher_sha}|{TEXT}|".encode() + caption.encode("utf-8")).hexdigest()
+def text_key(encoder, caption):
+    """The entry name of a caption: the encoder (encoder_id) and the caption's text."""
+    return hashlib.sha256(f"{VERSION}|{encoder}|{TEXT}|".encode() + caption.encode("utf-8")).hexdigest()
 
 
 def entry_path(root, kind, key):
@@ -55,26 +66,41 @@ def save_entry(path, tensors):
 
 
 def load_entry(path, kind):
-    """The entry's tensors, or None if it is missing, unreadable or lacks a tensor of its kind."""
-    from safetensors.torch import load_file
+    """The entry's tensors, or None if it is missing, truncated, garbled or lacks a tensor of its kind; an I/O error
+    (an OSError other than a missing file: permission denied, EIO) is raised."""
+    from safetensors.torch import load
 
     try:
-        tensors = load_file(str(path))
-    except Exception:  # noqa: BLE001 - a missing, truncated or garbled file is simply not a usable entry
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        tensors = load(data)
+    except Exception:  # noqa: BLE001 - bytes in memory: any failure is a truncated or garbled entry
         return None
     return tensors if all(name in tensors for name in NAMES[kind]) else None
 
 
 def todo(root, kind, keys):
-    """The keys without a usable entry; a present entry that does not load is named in a warning."""
+    """The keys without a usable entry; a present entry that does not load is named in a warning, an I/O error stops
+    the run naming the entry."""
     missing = []
     for key in keys:
         path = entry_path(root, kind, key)
-        if load_entry(path, kind) is None:
+        try:
+            usable = load_entry(path, kind) is not None
+        except OSError as error:
+            raise io_error(path, error) from None
+        if not usable:
             if path.exists():
                 log.warning("cache entry %s is corrupt: recomputing it", path)
             missing.append(key)
     return missing
+
+
+def batches(keys, batch_size):
+    """`keys` cut into the fixed batches the fill encodes them in."""
+    return [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
 
 
 @dataclass
@@ -85,46 +111,54 @@ class Encoders:
     text: object
 
 
-def fill(dataset, teacher_sha, root, encoders, rank=0, world_size=1, batch_size=8):
-    """Encode this process's shard of the missing entries; returns (latent keys, text keys per index, made)."""
-    latent_keys = [latent_key(teacher_sha, dataset.image_bytes(i), dataset.targets[i]) for i in range(len(dataset))]
-    captions = [pair.caption for pair in dataset.pairs]
-    text_keys = [text_key(teacher_sha, c) for c in captions]
+class Filled(NamedTuple):
+    """What fill returns: the entry names of each image and caption, how many entries this process wrote, and the
+    Skips of the images in its shard that did not decode (they have no entry)."""
+
+    latent_keys: list
+    text_keys: list
+    made: int
+    unreadable: list
+
+
+def fill(dataset, encoder, root, encoders, rank=0, world_size=1, batch_size=8):
+    """Encode this process's shard of the entries, in fixed batches (per crop size), where a batch lacks an entry."""
+    latent_keys = [latent_key(encoder, dataset.image_bytes(i), dataset.targets[i]) for i in range(len(dataset))]
+    text_keys = [text_key(encoder, pair.caption) for pair in dataset.pairs]
     first = {key: i for i, key in reversed(list(enumerate(latent_keys)))}
-    latents = todo(root, LATENT, shard(latent_keys, rank, world_size))
     by_size = {}
-    for key in latents:
+    for key in shard(latent_keys, rank, world_size):
         by_size.setdefault(dataset.targets[first[key]], []).append(key)
-    made = 0
-    for keys in by_size.values():
-        for start in range(0, len(keys), batch_size):
-            chunk = keys[start : start + batch_size]
-            made += _fill_latents(dataset, [first[k] for k in chunk], chunk, root, encoders)
-    caption_of = {text_key(teacher_sha, c): c for c in [*captions, ""]}
-    texts = todo(root, TEXT, shard(caption_of, rank, world_size))
-    for start in range(0, len(texts), batch_size):
-        keys = texts[start : start + batch_size]
-        for key, hidden in zip(keys, encoders.text([caption_of[k] for k in keys])):
-            save_entry(entry_path(root, TEXT, key), {"hidden": hidden})
-        made += len(keys)
-    return latent_keys, text_keys, made
+    made, unreadable = 0, []
+    for chunk in (chunk for keys in by_size.values() for chunk in batches(keys, batch_size)):
+        if todo(root, LATENT, chunk):
+            done, failed = _fill_latents(dataset, [first[k] for k in chunk], chunk, root, encoders)
+            made, unreadable = made + done, unreadable + failed
+    caption_of = {text_key(encoder, pair.caption): pair.caption for pair in dataset.pairs}
+    caption_of[text_key(encoder, "")] = ""
+    for chunk in batches(shard(caption_of, rank, world_size), batch_size):
+        if todo(root, TEXT, chunk):
+            for key, hidden in zip(chunk, encoders.text([caption_of[k] for k in chunk])):
+                save_entry(entry_path(root, TEXT, key), {"hidden": hidden})
+            made += len(chunk)
+    return Filled(latent_keys, text_keys, made, unreadable)
 
 
 def _fill_latents(dataset, indices, keys, root, encoders):
-    """Encode and save the readable images among `indices` (an unreadable one gets no entry: skipped later)."""
+    """Encode and save the images among `indices` that decode; returns (entries written, Skips of the others)."""
     samples = [(key, dataset[i]) for i, key in zip(indices, keys)]
-    samples = [(key, s[0]) for key, s in samples if s is not None]
-    if not samples:
-        return 0
-    mean, std = encoders.latents(torch.stack([pixels for _, pixels in samples]))
-    for (key, _), m, s in zip(samples, mean, std):
-        save_entry(entry_path(root, LATENT, key), {"mean": m, "std": s})
-    return len(samples)
+    failed = refuse_io_errors([sample for _, sample in samples if isinstance(sample, Skip)])
+    good = [(key, sample[0]) for key, sample in samples if not isinstance(sample, Skip)]
+    if good:
+        mean, std = encoders.latents(torch.stack([pixels for _, pixels in good]))
+        for (key, _), m, s in zip(good, mean, std):
+            save_entry(entry_path(root, LATENT, key), {"mean": m, "std": s})
+    return len(good), failed
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """The pairs of a PairDataset served from the cache: {"mean", "std", "cond", "caption"}, or None (skipped)
-    for an image without a usable entry (unreadable when the cache was filled, or damaged since)."""
+    """The pairs of a PairDataset served from the cache: {"mean", "std", "cond", "caption"}, or a Skip for an image
+    without a usable entry (unreadable when the cache was filled, or removed or damaged since)."""
 
     def __init__(self, dataset, root, latent_keys, text_keys, uncond_key):
         self.dataset, self.root = dataset, Path(root)
@@ -133,7 +167,7 @@ class CachedPairs(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getattr__(self, name):  # pairs, bucketed, groups, missing_captions, scan_skipped: the dataset's
+    def __getattr__(self, name):  # pairs, bucketed, groups, skips, undrawn: the dataset's
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
@@ -143,16 +177,24 @@ class CachedPairs(torch.utils.data.Dataset):
         return load_entry(entry_path(self.root, TEXT, self.uncond_key), TEXT)["hidden"][None].float()
 
     def __getitem__(self, index):
-        latent = load_entry(entry_path(self.root, LATENT, self.latent_keys[index]), LATENT)
-        text = load_entry(entry_path(self.root, TEXT, self.text_keys[index]), TEXT)
-        if latent is None or text is None:
-            log.debug("no usable cache entry for %s: skipped", self.dataset.pairs[index].source)
-            return None
-        return {**latent, "cond": text["hidden"], "caption": self.dataset.pairs[index].caption}
+        pair = self.dataset.pairs[index]
+        paths = {
+            LATENT: entry_path(self.root, LATENT, self.latent_keys[index]),
+            TEXT: entry_path(self.root, TEXT, self.text_keys[index]),
+        }
+        try:
+            entries = {kind: load_entry(path, kind) for kind, path in paths.items()}
+        except OSError as error:
+            return Skip(str(error.filename), IO_ERROR, error.strerror or str(error))
+        missing = [str(paths[kind]) for kind, entry in entries.items() if entry is None]
+        if missing:
+            return Skip(pair.file, NO_CACHE_ENTRY, f"{missing[0]} is missing or damaged")
+        return {**entries[LATENT], "cond": entries[TEXT]["hidden"], "caption": pair.caption}
 
     @staticmethod
     def collate(samples):
-        """Stack the served samples; count the skipped ones ('skipped'), as data.collate does."""
-        good = [s for s in samples if s is not None]
+        """Stack the served samples; the Skips of the others in 'skipped', as images.collate does."""
+        good = [s for s in samples if not isinstance(s, Skip)]
         batch = {k: torch.stack([s[k] for s in good]) if good else torch.zeros(0) for k in ("mean", "std", "cond")}
-        return {**batch, "captions": [s["caption"] for s in good], "skipped": len(samples) - len(good)}
+        skipped = [s for s in samples if isinstance(s, Skip)]
+        return {**batch, "captions": [s["caption"] for s in good], "skipped": skipped}

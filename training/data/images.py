@@ -3,8 +3,8 @@
 import csv
 import io
 import json
-import logging
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +13,19 @@ from PIL import Image
 
 from ..errors import DataError
 from . import buckets as bucketing
+from .skips import (
+    FILE_MISSING,
+    NO_CAPTION,
+    NO_IMAGE,
+    NOT_LISTED,
+    SMALL_BUCKET,
+    TOO_SMALL,
+    Skip,
+    io_error,
+    read_failure,
+    refuse_io_errors,
+)
 from .sources import ImageFolder, TarShards, parse_source
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
@@ -23,141 +33,210 @@ CAPTION_SUFFIXES = (".txt", ".caption", ".json")
 
 @dataclass(frozen=True)
 class Pair:
-    """One training pair: where its image bytes are and its caption (None: to be read from caption_ref)."""
+    """One training pair: where its image bytes are, its caption, and its name in skipped.txt and errors."""
 
     source: str  # a file path, or "tar:<path>"
     image_ref: object  # a Path, or (offset, size) inside the tar
     caption: str
+    file: str  # the path, or "<shard>.tar:<member>"
 
 
 def folder_pairs(folder):
-    """Pairs from an image folder: metadata.jsonl / .csv (file_name, text) or .txt captions."""
+    """Pairs from an image folder (metadata.jsonl / .csv with file_name,text, else same-name .txt captions) and the
+    Skips of its other inputs."""
     folder = Path(folder)
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     for table in (folder / "metadata.jsonl", folder / "metadata.csv"):
         if table.is_file():
-            return _table_pairs(folder, table), 0
-    pairs, missing = [], 0
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            return _table_pairs(folder, table, images)
+    pairs, skips = [], []
+    for image in images:
         caption = image.with_suffix(".txt")
-        if not caption.is_file():
-            missing += 1
-            continue
-        pairs.append(Pair(str(image), image, caption.read_text(encoding="utf-8", errors="replace").strip()))
-    return pairs, missing
+        if caption.is_file():
+            pairs.append(Pair(str(image), image, _read_text(caption).strip(), str(image)))
+        else:
+            skips.append(Skip(str(image), NO_CAPTION, f"no {caption.name}"))
+    return pairs, skips
 
 
-def _table_pairs(folder, table):
-    if table.suffix == ".jsonl":
-        rows = [json.loads(line) for line in table.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with open(table, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    pairs = []
-    for row in rows:
+def _read_text(path):
+    """A caption file's text; an I/O error stops the run naming the file."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise io_error(path, error) from None
+
+
+def _table_rows(table):
+    """The rows of metadata.jsonl (one JSON object a line) or metadata.csv; a bad line stops the run naming it."""
+    text = _read_text(table)
+    if table.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(dict(json.loads(line)))
+            except (ValueError, TypeError) as error:
+                raise DataError(f"{table} line {number} is not a JSON object ({error}); fix or remove it") from None
+    return rows
+
+
+def _table_pairs(folder, table, images):
+    """Pairs of the table's rows; Skips of rows whose file is missing or whose text is null, and of the folder's
+    images the table does not list."""
+    pairs, skips, listed = [], [], set()
+    for number, row in enumerate(_table_rows(table), 1):
         name, text = row.get("file_name"), row.get("text", row.get("caption"))
-        if name and text is not None and (folder / name).is_file():
-            pairs.append(Pair(str(folder / name), folder / name, str(text).strip()))
-    return pairs
+        if not name:
+            skips.append(Skip(f"{table} row {number}", NO_IMAGE, "no file_name"))
+            continue
+        path = folder / name
+        listed.add(path)
+        if not path.is_file():
+            skips.append(Skip(str(path), FILE_MISSING, f"named in {table.name} row {number}"))
+        elif text is None:
+            skips.append(Skip(str(path), NO_CAPTION, f"its text is null in {table.name} row {number}"))
+        else:
+            pairs.append(Pair(str(path), path, str(text).strip(), str(path)))
+    skips += [Skip(str(image), NOT_LISTED, table.name) for image in images if image not in listed]
+    return pairs, skips
 
 
 def tar_pairs(paths):
-    """Pairs from webdataset shards: members grouped by key (name up to the first dot)."""
-    pairs, missing = [], 0
+    """Pairs from webdataset shards (members grouped by key: name up to the first dot) and the Skips of samples with
+    no image or no caption (a .json caption without "caption" or "text" is none)."""
+    pairs, skips = [], []
     for path in paths:
-        with tarfile.open(path) as tar:
-            groups = {}
-            for member in tar.getmembers():
-                if member.isfile():
-                    folder, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    groups.setdefault(f"{folder}/{stem}", {})["." + ext.lower()] = member
-            for key in sorted(groups):
-                members = groups[key]
-                image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
-                caption = next((members[s] for s in CAPTION_SUFFIXES if s in members), None)
-                if image is None:
-                    continue
-                if caption is None:
-                    missing += 1
-                    continue
-                text = tar.extractfile(caption).read().decode("utf-8", errors="replace")
-                if caption.name.endswith(".json"):
-                    meta = json.loads(text)
-                    text = meta.get("caption", meta.get("text", ""))
-                pairs.append(Pair(f"tar:{path}", (image.offset_data, image.size), text.strip()))
-    return pairs, missing
+        try:
+            tar = tarfile.open(path)
+        except tarfile.ReadError as error:
+            raise DataError(f"data shard {path} is not a readable .tar ({error}); replace or remove it") from None
+        with tar:
+            pairs_, skips_ = _shard_pairs(path, tar)
+        pairs += pairs_
+        skips += skips_
+    return pairs, skips
+
+
+def _shard_pairs(path, tar):
+    """The pairs and skips of one open shard."""
+    groups = {}
+    for member in tar.getmembers():
+        if member.isfile():
+            folder, _, base = member.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            groups.setdefault(f"{folder}/{stem}", {})["." + ext.lower()] = member
+    pairs, skips = [], []
+    for key in sorted(groups):
+        members = groups[key]
+        image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
+        caption = next((members[s] for s in CAPTION_SUFFIXES if s in members), None)
+        if image is None:
+            skips.append(Skip(f"{path}:{key.lstrip('/')}", NO_IMAGE, "the sample has no image member"))
+            continue
+        text, why = _sample_caption(tar, caption)
+        if text is None:
+            skips.append(Skip(f"{path}:{image.name}", NO_CAPTION, why))
+            continue
+        pairs.append(Pair(f"tar:{path}", (image.offset_data, image.size), text.strip(), f"{path}:{image.name}"))
+    return pairs, skips
+
+
+def _sample_caption(tar, member):
+    """(caption, None) of a sample's .txt / .caption / .json member, or (None, why there is none)."""
+    if member is None:
+        return None, "the sample has no .txt, .caption or .json member"
+    text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    if not member.name.endswith(".json"):
+        return text, None
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        return None, f"{member.name} is not valid JSON"
+    caption = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+    return (None, f'{member.name} has no "caption" or "text"') if caption is None else (str(caption), None)
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption); unreadable image -> None (skipped).
+    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption), or the Skip of an image that fails to read.
 
-    Square R x R crops, or with buckets=True each image in the aspect-ratio bucket nearest its own (buckets.py);
-    images whose header is unreadable or with a side under the smallest bucket's are then dropped and counted."""
+    Every image's header is read first (an unreadable one is skipped); then square R x R crops, or with `buckets`
+    (BucketRules) each image in its kohya bucket (buckets.py), where rules without upscaling skip an image smaller
+    than its bucket. `skips` names every input left out, with its reason."""
 
-    def __init__(self, data, resolution, buckets=False):
+    def __init__(self, data, resolution, buckets=None):
         source = parse_source(data)
         source.check()
         if isinstance(source, ImageFolder):
-            self.pairs, self.missing_captions = folder_pairs(source.path)
+            pairs, skips = folder_pairs(source.path)
         elif isinstance(source, TarShards):
-            self.pairs, self.missing_captions = tar_pairs(source.paths)
+            pairs, skips = tar_pairs(source.paths)
         else:
             raise DataError(f"data {data} is not images: the loop renders or draws it into a folder first")
-        self.resolution, self.bucketed = resolution, buckets
-        self.unreadable = self.too_small = 0
+        self.resolution, self.rules, self.bucketed = resolution, buckets, buckets is not None
+        self.pairs, self.targets, self.skips = [], [], skips
+        for pair in pairs:
+            self._add(pair)
         self._check_not_empty(source)
-        self.targets = [(resolution, resolution)] * len(self.pairs)
-        if buckets:
-            self._bucket(source)
+
+    def _add(self, pair):
+        """Keep `pair` with its crop size (the square, or its bucket), or record why it is skipped."""
+        size = self.image_size(pair)
+        if isinstance(size, Skip):
+            self.skips += refuse_io_errors([size])
+            return
+        target = bucketing.bucket_of(size, self.resolution, self.rules) if self.bucketed else (self.resolution,) * 2
+        if self.bucketed and not self.rules.upscale and (size[0] < target[0] or size[1] < target[1]):
+            self.skips.append(Skip(pair.file, TOO_SMALL, f"{size[0]}x{size[1]} under {target[0]}x{target[1]}"))
+            return
+        self.pairs.append(pair)
+        self.targets.append(target)
 
     def _check_not_empty(self, source):
         if not self.pairs:
+            found = Counter(skip.reason for skip in self.skips)
+            counts = ", ".join(f"{n} {reason}" for reason, n in found.items()) or "no images"
             raise DataError(
-                f"data {source} has no usable image + caption pairs "
-                f"({self.missing_captions} images without a caption); "
-                "give each image a same-name .txt, or a metadata.jsonl / metadata.csv with file_name,text"
+                f"data {source} has no usable image + caption pairs ({counts}); give each image a same-name .txt, "
+                "or a metadata.jsonl / metadata.csv with file_name,text (with --buckets and --no-bucket-upscale, "
+                "images at least their bucket's size)"
             )
-
-    def _bucket(self, source):
-        """Read each image's size from its header, keep the pairs that fit a bucket, and record their buckets."""
-        targets, self.unreadable, self.too_small = bucketing.assign(
-            [self.image_size(pair) for pair in self.pairs], self.resolution
-        )
-        kept = [(pair, target) for pair, target in zip(self.pairs, targets) if target is not None]
-        self.pairs, self.targets = [p for p, _ in kept], [t for _, t in kept]
-        if not self.pairs:
-            low = bucketing.smallest_side(bucketing.bucket_sizes(self.resolution))
-            raise DataError(
-                f"data {source} has no image that fits a bucket at --resolution {self.resolution} "
-                f"({self.too_small} with a side under {low} px, {self.unreadable} unreadable); "
-                "give larger images or a lower --resolution"
-            )
-
-    @property
-    def scan_skipped(self):
-        """Images dropped before training (unreadable header, under the smallest bucket): counted as skipped."""
-        return self.unreadable + self.too_small
 
     def groups(self):
         """{(width, height): [indices]} of the buckets, in bucket order (one square group without buckets)."""
         return bucketing.group(self.targets)
 
+    def undrawn(self, span):
+        """The Skips of the images in buckets holding fewer than a global batch of `span` images (never drawn)."""
+        if not self.bucketed:
+            return []
+        return [
+            Skip(self.pairs[i].file, SMALL_BUCKET, f"{w}x{h} holds {len(indices)}, a batch is {span}")
+            for (w, h), indices in bucketing.small_buckets(self.groups(), span).items()
+            for i in indices
+        ]
+
     def image_size(self, pair):
-        """(width, height) from the image's header (PIL opens lazily), None if it cannot be read."""
+        """(width, height) from the image's header (PIL reads it lazily), or the Skip saying why it cannot be read."""
         try:
-            source = pair.image_ref if not pair.source.startswith("tar:") else io.BytesIO(self._bytes(pair))
-            with Image.open(source) as image:
+            with self._open(pair) as f, Image.open(f) as image:
                 return image.size
-        except Exception as exc:  # noqa: BLE001 - any header failure is a corrupt image: skip and count
-            log.debug("skipping %s: %s", pair.source, exc)
-            return None
+        except Exception as error:  # noqa: BLE001 - read_failure sorts it: missing, I/O error (stops), not an image
+            return read_failure(pair.file, error)
 
     def __len__(self):
         return len(self.pairs)
 
     def image_bytes(self, index):
-        """The raw bytes of image `index` (what the latent cache's key hashes)."""
-        return self._bytes(self.pairs[index])
+        """The raw bytes of image `index` (what the latent cache's key hashes); an I/O error stops the run."""
+        try:
+            return self._bytes(self.pairs[index])
+        except OSError as error:
+            raise io_error(self.pairs[index].file, error) from None
+
+    def _open(self, pair):
+        return io.BytesIO(self._bytes(pair)) if pair.source.startswith("tar:") else open(pair.image_ref, "rb")
 
     def _bytes(self, pair):
         if pair.source.startswith("tar:"):
@@ -172,17 +251,16 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             image = Image.open(io.BytesIO(self._bytes(pair)))
             image = image.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt image: skip and count
-            log.debug("skipping %s: %s", pair.source, exc)
-            return None
+        except Exception as error:  # noqa: BLE001 - read_failure sorts it: missing, I/O error (stops), not an image
+            return read_failure(pair.file, error)
         return resize_center_crop(image, *self.targets[index]), pair.caption
 
 
 def resize_center_crop(image, width, height=None):
-    """Resize to cover width x height (square without height), center-crop, to a [3, H, W] tensor in [-1, 1]."""
+    """Resize to cover width x height (square without height; kohya's sizes), center-crop, to a [3, H, W] tensor in
+    [-1, 1]."""
     height = width if height is None else height
-    scale = max(width / image.size[0], height / image.size[1])
-    size = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
+    size = bucketing.cover_size(*image.size, (width, height))
     image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
     image = image.crop((left, top, left + width, top + height))
@@ -191,10 +269,10 @@ def resize_center_crop(image, width, height=None):
 
 
 def collate(samples):
-    """Stack the readable samples; count the skipped ones in the batch ('skipped')."""
-    good = [s for s in samples if s is not None]
+    """Stack the read samples; the Skips of the others in 'skipped'."""
+    good = [s for s in samples if not isinstance(s, Skip)]
     pixels = torch.stack([s[0] for s in good]) if good else torch.zeros(0)
-    return {"pixels": pixels, "captions": [s[1] for s in good], "skipped": len(samples) - len(good)}
+    return {"pixels": pixels, "captions": [s[1] for s in good], "skipped": [s for s in samples if isinstance(s, Skip)]}
 
 
 def batch_indices(num_items, batch_size, rank, world_size, seed, start_batch=0):
@@ -214,6 +292,13 @@ def batch_indices(num_items, batch_size, rank, world_size, seed, start_batch=0):
         for b in range(within, batches_per_epoch):
             yield mine[b * batch_size : (b + 1) * batch_size].tolist()
             batch += 1
+
+
+def epoch_batches(dataset, batch_size, world_size):
+    """How many micro-batches one process draws in an epoch (each bucket's full global batches, or its share)."""
+    if getattr(dataset, "bucketed", False):
+        return sum(len(indices) // (batch_size * world_size) for indices in dataset.groups().values())
+    return len(dataset) // world_size // batch_size
 
 
 def make_loader(dataset, batch_size, rank, world_size, seed, start_batch=0, num_workers=0):
