@@ -7,13 +7,12 @@ baseline (a separate frozen teacher copy), on a tiny SD-family UNet or a random 
     python benchmarks/bench_train.py --estimate-memory --model sd15 --resolution 512 --batch-size 8 \
         --mixed-precision bf16
     python benchmarks/bench_train.py --measure --model sd15 --resolution 512 --batch-size 8 --mixed-precision bf16
-    python benchmarks/bench_train.py --estimate-memory --model sd15 --resolution 512 --batch-size 8 \
-        --mixed-precision bf16 --trainer-flags "--mode lcm --adv-weight 0.4"
 
---estimate-memory runs the trainer's own step on fake tensors (benchmarks/memory.py) and prints one JSON line per
+--estimate-memory prints the product's estimate (training/memory.py, what `python -m training.distill ...
+--estimate-memory` prints for a run: the loop's own build and train_step on fake tensors) as one JSON line per
 configuration (scott and lcm, each without and with gradient checkpointing, with the latent cache as the trainer's
-default; scott without the cache, whose step encodes pixels and captions; the data-free sampler): the estimated GPU
-peak in GiB, per phase, and the step's FLOPs. --measure runs the same on a CUDA GPU with random
+default; scott without the cache, whose step encodes pixels and captions): the estimated GPU peak in GiB, resident
+between steps, per phase, and the step's FLOPs. --measure runs the same loop functions on a CUDA GPU with random
 weights and prints torch.cuda.max_memory_allocated / max_memory_reserved.
 
 Each (mode, design) runs in its own process so that peak memory (RSS on the CPU, max allocated on CUDA) is
@@ -26,9 +25,9 @@ import argparse
 import copy
 import json
 import resource
-import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +36,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.memory import estimate, measure, sd15_components, tiny_components  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
+
+from benchmarks.memory import (  # noqa: E402
+    estimate_line,
+    measure_line,
+    run_config,
+    sd15_components,
+    tiny_components,
+    tiny_config_folder,
+)
 from scott_core.schedule import alphas_cumprod, training_grid  # noqa: E402
 from training.config import DistillConfig  # noqa: E402
 from training.models.adapters import add_adapters, enable_checkpointing  # noqa: E402
 from training.models.discriminator import DiscriminatorHead, up_block_channels  # noqa: E402
+from training.models.teacher import ASSETS  # noqa: E402
 from training.models.unet import guided_eps_fn  # noqa: E402
 from training.step import SCottStep, draw, scott_backward  # noqa: E402
 
@@ -129,38 +138,26 @@ def worker(args):
     }))
 
 
-# (config, gradient checkpointing, latent cache)
+# (mode, gradient checkpointing, latent cache)
 MEMORY_CONFIGS = (
-    ("scott", False, True), ("scott", True, True), ("lcm", False, True), ("lcm", True, True),
-    ("scott", False, False), ("synth", False, True),
+    ("scott", False, True), ("scott", True, True), ("lcm", False, True), ("lcm", True, True), ("scott", False, False),
 )
 
 
-def trainer_overrides(flags):
-    """'--mode lcm --adv-weight 0.4' -> ('lcm', {'adv_weight': 0.4}): the trainer options the flags set."""
-    from training.cli import build_parser
-
-    parser = build_parser()
-    given = vars(parser.parse_args(["--teacher", "-", *shlex.split(flags)]))
-    overrides = {k: v for k, v in given.items() if k not in ("teacher", "config") and v != parser.get_default(k)}
-    return overrides.pop("mode", "scott"), overrides
-
-
 def memory_table(args):
-    """One JSON line per configuration: the fake-tensor estimate, or (--measure) the CUDA measurement; with
-    --trainer-flags one line, the estimate of that configuration."""
+    """One JSON line per configuration: the product's estimate (python -m training.distill ... --estimate-memory
+    computes the same), or (--measure) the same loop functions measured on CUDA."""
     if args.measure and not torch.cuda.is_available():
         sys.exit("error: --measure needs a CUDA GPU; use --estimate-memory on this machine")
-    if args.trainer_flags is not None:
-        mode, overrides = trainer_overrides(args.trainer_flags)
-        result = estimate(mode, args.model, args.resolution, args.batch_size, args.mixed_precision,
-                          args.gradient_checkpointing, overrides=overrides)
-        return print(json.dumps({**result, "flags": args.trainer_flags}), flush=True)
-    run = measure if args.measure else estimate
-    for config, checkpointing, cache in MEMORY_CONFIGS:
-        started = time.perf_counter()
-        result = run(config, args.model, args.resolution, args.batch_size, args.mixed_precision, checkpointing, cache)
-        print(json.dumps({**result, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        teacher = ASSETS if args.model == "sd15" else tiny_config_folder(folder)
+        for mode, checkpointing, cache in MEMORY_CONFIGS:
+            cfg = run_config(teacher, mode, args.resolution, args.batch_size, args.mixed_precision, checkpointing,
+                             cache, args.model)
+            started = time.perf_counter()
+            line = measure_line(cfg) if args.measure else estimate_line(cfg)
+            print(json.dumps({**line, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+            AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def main():
@@ -177,9 +174,6 @@ def main():
     parser.add_argument("--configs", default="scott/one-unet,lcm/one-unet,scott/two-unet,lcm/two-unet")
     parser.add_argument("--estimate-memory", action="store_true", help="GPU peak and FLOPs on fake tensors")
     parser.add_argument("--measure", action="store_true", help="GPU peak of the same configurations on CUDA")
-    parser.add_argument("--trainer-flags", default=None, metavar="FLAGS", help="with --estimate-memory: estimate "
-                        "one configuration, these training.distill flags over the mode's defaults (e.g. \"--mode "
-                        "scott --sub-steps 1 --disc-features down_mid\"); its full step (discriminator updating)")
     args = parser.parse_args()
     args.resolution = args.resolution or (16 if args.model == "tiny" else 64)
     if args.estimate_memory or args.measure:

@@ -2,27 +2,38 @@
 GPU): `python -m benchmarks.disc_flops [--model sd15|tiny] [--resolution 512] [--batch-size 8]`."""
 
 import argparse
+import tempfile
 
 import torch
+from accelerate.state import AcceleratorState
 
-from benchmarks.memory import LiveBytes, build, run_config
+from benchmarks.memory import run_config, tiny_config_folder
+from training.loop import make_accelerator
+from training.memory import count_flops, random_teacher, step_run
+from training.models.teacher import ASSETS
 
 
 def disc_flops(features, model, resolution, batch_size):
-    """FLOPs of SCottStep.discriminate on 2 x batch_size latents with --disc-features `features`."""
+    """FLOPs of SCottStep.discriminate on 2 x batch_size latents with --disc-features `features`, on the estimate's
+    fake model (training.memory: the loop's own step model)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    cfg = run_config("scott", model, disc_features=features)
-    step, _, _, dim, scale, _ = build(cfg, model, torch.device("cpu"), fake_mode)
-    counter = LiveBytes()
+    with tempfile.TemporaryDirectory() as folder:
+        teacher_folder = ASSETS if model == "sd15" else tiny_config_folder(folder)
+        cfg = run_config(teacher_folder, "scott", resolution, batch_size, "no", False, True, model)
+        cfg.disc_features = features
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        accelerator = make_accelerator(cfg, estimate=True)
+        teacher = random_teacher(cfg, accelerator.device, fake_mode)
+        step = accelerator.unwrap_model(step_run(cfg, accelerator, teacher, fake_mode).model)
+    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     with fake_mode, torch.no_grad():
         x = torch.randn(2 * batch_size, 4, resolution // scale, resolution // scale)
-        t, cond = torch.full((2 * batch_size,), 500), torch.randn(2 * batch_size, 77, dim)
-        with counter:
-            counter.begin("disc")
-            step.discriminate(x, t, cond)
-    return counter.flops["disc"]
+        t = torch.full((2 * batch_size,), 500)
+        cond = torch.randn(2 * batch_size, 77, teacher.text_encoder.config.hidden_size)
+        flops = count_flops(lambda: step.discriminate(x, t, cond))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return flops
 
 
 def main():

@@ -9,7 +9,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 @functools.lru_cache(maxsize=8)
 def _alphas_cumprod(num_train_timesteps, beta_start, beta_end):
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    # on the CPU whatever the default device (a cached schedule built under torch.device("meta") would have no values)
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64, device="cpu") ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 

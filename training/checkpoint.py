@@ -139,30 +139,51 @@ def load(accelerator, path):
     return json.loads((Path(path) / STATE).read_text())["step"]
 
 
-def check_resume_buckets(cfg):
-    """A resume must keep the bucket settings of the run it resumes (its <output>/config.toml says which), or the
-    data order would change under it: else one line saying which flag to give."""
-    if cfg.resume is None or not bucketable(cfg.source):
+# A run file from before a setting existed: the value that run trained with.
+OLDER = {"buckets": False, "validation_split": "0", "validation_data": None}  # square crops, nothing withheld
+
+
+def kept_settings(cfg, before):
+    """The settings a resume of the run whose run file is `before` must keep, or the data or its order would change
+    under it: the buckets (the user's images only; their rules where both bucket), keep-best's split or data."""
+    names = []
+    if bucketable(cfg.source):
+        names.append("buckets")
+        if cfg.buckets and before.get("buckets", OLDER["buckets"]):
+            names += [name for name in BUCKET_FIELDS if name in before]
+    return [*names, "validation_split", "validation_data"]
+
+
+def setting_flag(name, value):
+    """How a data setting reads on the command line: --buckets / --no-buckets, --validation-split 0, ..."""
+    flag = flag_name(name)
+    if isinstance(value, bool):
+        return flag if value else flag_name(f"no_{name}")
+    return f"no {flag}" if value is None else f"{flag} {value}"
+
+
+def setting_advice(name, value):
+    """What to give to keep a data setting: its flag, or 'leave out --validation-data' for an unset one."""
+    return f"leave out {flag_name(name)}" if value is None else f"give {setting_flag(name, value)}"
+
+
+def check_resume_data(cfg):
+    """A resume must keep the data settings of the run it resumes (its <output>/config.toml says which): else one
+    line saying which flag to give."""
+    if cfg.resume is None:
         return
     found = resolve(cfg.resume, Path(cfg.output) / "checkpoints")
     saved = Path(found).resolve().parent.parent / RUN_FILE if found else None
     if saved is None or not saved.is_file():
         return
-    before = {"buckets": False, **saved_run_file(saved, found)}  # no "buckets": a run from before buckets, square
-    names = ("buckets", *BUCKET_FIELDS) if cfg.buckets and before["buckets"] else ("buckets",)
-    for name in (name for name in names if name in before and before[name] != getattr(cfg, name)):
-        then, now = _flag(name, before[name]), _flag(name, getattr(cfg, name))
-        raise UserError(
-            f"--resume {found}: that run trained with {then} and this one with {now}; give {then} to resume it, or "
-            "start a new --output"
-        )
-
-
-def _flag(name, value):
-    """'--buckets' / '--no-buckets' for a bool, '--min-bucket-reso 256' for a number."""
-    if isinstance(value, bool):
-        return flag_name(name) if value else flag_name(f"no_{name}")
-    return f"{flag_name(name)} {value}"
+    before = saved_run_file(saved, found)
+    for name in kept_settings(cfg, before):
+        was, now = before.get(name, OLDER.get(name)), getattr(cfg, name)
+        if was != now:
+            raise UserError(
+                f"--resume {found}: that run trained with {setting_flag(name, was)} and this one with "
+                f"{setting_flag(name, now)}; {setting_advice(name, was)} to resume it, or start a new --output"
+            )
 
 
 def saved_run_file(path, found):

@@ -50,6 +50,13 @@ def build_parser():
         help="a TOML run file whose keys are these flags' names (dashes or underscores); flags on the command "
         "line override it. Every run writes its resolved configuration to <output>/config.toml",
     )
+    parser.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print this run's estimated GPU peak (its largest crop, batch, ranks, disc features, precision, "
+        "checkpointing, latent cache) and the flags that would lower it, then exit: the loop's own build and step on "
+        "fake tensors, without loading weights or data (docs/memory.md)",
+    )
     kinds = field_types()
     for group_class in GROUPS:
         group = parser.add_argument_group(group_class.__name__.removesuffix("Options").lower(), group_class.__doc__)
@@ -74,6 +81,11 @@ def build_parser():
 
 def parse_config(argv=None):
     """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv=None):
+    """CLI arguments -> (resolved DistillConfig, whether --estimate-memory asks for the estimate only)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     run_file = read_run_file(args.config) if args.config else {}
@@ -86,5 +98,6 @@ def parse_config(argv=None):
         parser.error("the following arguments are required: --teacher")
     values = vars(args)
     del values["config"]
-    return DistillConfig(**values).resolved()
+    estimate_memory = values.pop("estimate_memory")
+    return DistillConfig(**values).resolved(), estimate_memory
 

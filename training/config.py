@@ -9,9 +9,11 @@ from pathlib import Path
 
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
+from .data import holdout
 from .data.buckets import BUCKET_DEFAULTS, STEP, bucketable
 from .data.sources import WORLD_PREFIX, DataSource, parse_source
 from .errors import UserError
+from .eval.scores import DEFAULT_SCORE, SCORES
 
 MODES = ("scott", "lcm")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -174,6 +176,19 @@ class DataOptions:
     )
     num_workers: int = _opt(2, "data-loader worker processes per process (0: load in the main process)",
                             range=AT_LEAST_0)
+    validation_split: str = _opt(
+        "auto",
+        "what keep-best scores and training never sees: a count (50) or a fraction (0.05) of the image pairs, or "
+        "of a data-free prompt file's prompts, withheld by a seeded draw before bucketing; auto = 5 percent, at "
+        "least 2, at most 64 (docs/keep_best.md says why); 0 = none (keep-best off). World data keeps all N "
+        "training scenes and scores as many scenes of captions none of them has; the built-in prompt list stays "
+        "whole and keep-best takes prompts after it. Without validation (--validate-every 0) nothing is withheld",
+    )
+    validation_data: str = _opt(
+        None,
+        "a folder (or .tar shards) of image + caption pairs for keep-best that training never reads; then nothing "
+        "is withheld from --data",
+    )
 
 
 @dataclass
@@ -333,7 +348,30 @@ class OutputOptions:
         None, "text file, one prompt a line, for the validation grids; default 4 built-in prompts"
     )
     validation_steps: str = _opt(
-        "1,2,4", "sampling step counts shown in the validation grid, comma-separated"
+        "1,2,4", "sampling step counts of the validation grid and of keep-best's score, comma-separated"
+    )
+    validation_samples: int = _opt(
+        256,
+        "student samples keep-best scores at each validation, from fixed noises over the withheld captions (each "
+        "caption at least once); fewer rank checkpoints worse (docs/keep_best.md: 64 against 256)",
+        range=AT_LEAST_1,
+    )
+    keep_best_score: str = _opt(
+        DEFAULT_SCORE,
+        "keep-best's score (lower is better): <features>_<distance>_<reference>, features of the teacher's own "
+        "networks (unet: its UNet's mid block, vae: its VAE decoder's mid block, latent: the pooled latent), "
+        "distance fd (Frechet, between the sets) or paired (per sample), reference teacher (its many-step samples "
+        "from the same noise and caption: --synth-steps, --synth-cfg) or images (the withheld images); "
+        "docs/keep_best.md measures how each ranks checkpoints",
+        choices=tuple(SCORES),
+    )
+    inception: str = _opt(
+        None,
+        "FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth): each validation also logs "
+        "the FID of keep-best's samples against the withheld images (or the teacher's samples)",
+    )
+    clip: str = _opt(
+        None, "a local transformers CLIP folder: each validation also logs the CLIP score of keep-best's samples"
     )
     log_every: int = _opt(10, "log losses to TensorBoard every N optimiser steps", range=AT_LEAST_1)
     recommended_steps: int = _opt(
@@ -379,6 +417,7 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
             values["lora_alpha"] = float(values["lora_rank"])
         if values["name"] is None:
             values["name"] = f"{Path(str(self.teacher)).stem}_{self.mode}_lora"
+        values["validation_split"] = resolved_split(values)
         config = DistillConfig(**values)
         config.check()
         return config
@@ -399,6 +438,16 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         self.save_step_set()
         self.source  # noqa: B018 - parse --data now: a malformed world:N stops the run before anything loads
         self.check_bucket_resolution()
+        self.check_keep_best_reference()
+
+    def check_keep_best_reference(self):
+        """A keep-best score against the withheld images needs images: data-free runs have none of their own."""
+        needs_images = SCORES[self.keep_best_score].reference == "images"
+        if needs_images and self.validate_every and self.source.data_free and self.validation_data is None:
+            raise UserError(
+                f"--keep-best-score {self.keep_best_score} compares with withheld images, and data-free runs have "
+                f"none: give --validation-data PATH, or a score against the teacher's samples (e.g. {DEFAULT_SCORE})"
+            )
 
     def check_bucket_resolution(self):
         """Bucket sides are multiples of 64, so with buckets on the user's images the resolution must be one too."""
@@ -443,6 +492,15 @@ def step_list(text, flag):
     if not counts or min(counts) < 1:
         raise UserError(f"{flag} must be comma-separated integers >= 1, got {text!r}")
     return counts
+
+
+def resolved_split(values):
+    """--validation-split as the run applies it: '0' without validation or with --validation-data (a UserError when
+    both are given), else the user's spec."""
+    spec = holdout.parse_split(values["validation_split"])
+    if values["validation_data"] is not None and spec not in (holdout.AUTO, 0):
+        raise UserError("give --validation-split or --validation-data, not both")
+    return "0" if not values["validate_every"] or values["validation_data"] is not None else str(spec)
 
 
 def uses_cuda():

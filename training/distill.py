@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from .cli import parse_config
+from .cli import parse_command
 from .errors import UserError, disk_full
 
 
@@ -13,7 +13,12 @@ def main(argv=None):
     for noisy in ("diffusers", "transformers", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        cfg = parse_config(argv)
+        cfg, estimate_memory = parse_command(argv)
+        if estimate_memory:
+            from .memory import estimate, report
+
+            print(report(cfg, estimate(cfg)))
+            return 0
         from .loop import train
 
         path = train(cfg)

@@ -26,9 +26,10 @@ def to_kohya(peft_sd, alpha):
     return {k: v.contiguous() for k, v in lora_format.to_kohya(peft_sd, meta).items()}
 
 
-def metadata(cfg, teacher_name, teacher_sha256, step=None):
+def metadata(cfg, teacher_name, teacher_sha256, step=None, extra=None):
     """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob, the adversarial
-    schedule), how to sample, and (given) the optimiser step it was taken at."""
+    schedule), how to sample, (given) the optimiser step it was taken at, and `extra` {key: value} (keep-best's score
+    and its name)."""
     values = {
         "scott.format": "1",
         "scott.base_model": teacher_name,
@@ -48,6 +49,7 @@ def metadata(cfg, teacher_name, teacher_sha256, step=None):
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.title": cfg.name,
         **({"scott.step": step} if step is not None else {}),
+        **(extra or {}),
     }
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
     return {
@@ -64,15 +66,15 @@ def adversarial_schedule(cfg):
     return {"scott.adv_decay_steps": cfg.adv_decay_steps, "scott.disc_every": cfg.disc_every}
 
 
-def export_lora(unet, cfg, teacher_name, teacher_sha256, path, step=None):
-    """Write the student LoRA to `path` atomically (temp + rename), `step` in its metadata; returns the kohya
-    state dict."""
+def export_lora(unet, cfg, teacher_name, teacher_sha256, path, step=None, extra=None):
+    """Write the student LoRA to `path` atomically (temp + rename), `step` and `extra` in its metadata; returns the
+    kohya state dict."""
     from safetensors.torch import save_file
 
     state = to_kohya(peft_state_dict(unet), cfg.lora_alpha)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata(cfg, teacher_name, teacher_sha256, step))
+    save_file(state, str(tmp), metadata=metadata(cfg, teacher_name, teacher_sha256, step, extra))
     os.replace(tmp, path)
     return state

@@ -1,6 +1,5 @@
 """The training loop on accelerate: build the run, then step, log, checkpoint, validate, export."""
 
-import contextlib
 import importlib.util
 import logging
 import time
@@ -15,22 +14,24 @@ from scott_core.schedule import alphas_cumprod, training_grid
 
 from . import checkpoint
 from .config import DistillConfig, UserError
-from .data.buckets import bucket_report, bucket_rules
+from .data.buckets import bucket_report
 from .data.cache import CachedPairs, Encoders, encoder_id, fill, text_key
+from .data.holdout import Holdout
 from .data.images import PairDataset, epoch_batches, make_loader
-from .data.prepare import synthetic_dataset, world_folder
+from .data.prepare import synthetic_dataset, training_data
 from .data.skips import Skipped
-from .data.sources import World
 from .encode import batch_latents, encode_moments, encode_text
 from .errors import DataError
 from .export import export_lora
+from .keep_best import Judges, KeepBest, check_judges, score_line, student_scores
+from .keep_best import prepare as prepare_validation
 from .memory import OutOfMemory, out_of_memory_message
 from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_checkpointing
 from .models.discriminator import DiscriminatorHead, feature_channels
-from .models.teacher import Teacher, check_teacher_path, load_teacher
+from .models.teacher import Teacher, check_teacher_path, load_teacher, on_device
 from .runfile import RUN_FILE, write_run_file
 from .step import SCottStep, draw, scott_backward, step_plan
-from .validation import HeldOut, KeepBest, heldout_loss, read_prompts, validation_grid
+from .validation import read_prompts, validation_grid
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -59,6 +60,7 @@ class Run:
     grid: torch.Tensor
     uncond: torch.Tensor | None
     skips: Skipped  # every input not trained on (this process's draws), for <output>/skipped.txt
+    holdout: Holdout | None = None  # what keep-best scores and training never sees
 
     @property
     def unet(self):
@@ -78,14 +80,17 @@ def weight_dtype(mixed_precision, device):
     return torch.float32
 
 
-def build(cfg):
-    """Accelerator, teacher + adapters + head, optimiser, data: a run ready at step 0."""
+def make_accelerator(cfg, estimate=False):
+    """The run's Accelerator: cfg's precision and accumulation, TensorBoard under <output>/logs when installed;
+    estimate: the memory estimate's, on the CPU and leaving its fake tensors where they are."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output = Path(cfg.output)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    accelerator = Accelerator(
+    return Accelerator(
+        cpu=estimate,
+        device_placement=not estimate,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard" if tensorboard else None,
@@ -93,21 +98,12 @@ def build(cfg):
         # The phased step: the disc's backward leaves the student's LoRA unused and the student's the disc's.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.adv_weight > 0)],
     )
-    check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
-    source = cfg.source
-    source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
-    checkpoint.check_resume_buckets(cfg)
-    prompts = source.prompts() if source.data_free else None
-    if isinstance(source, World):
-        source = world_folder(source, cfg.output, accelerator)
-    dataset = None if source.data_free else PairDataset(source, cfg.resolution, bucket_rules(cfg))
-    if dataset is not None and dataset.bucketed and accelerator.is_main_process:
-        log.info(bucket_report(dataset.groups()))
-    teacher = load_teacher(
-        cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
-    )
-    if source.data_free:
-        dataset = synthetic_dataset(cfg, accelerator, teacher, prompts)
+
+
+def step_model(cfg, teacher):
+    """The SCottStep on the teacher's UNet: student/target/disc LoRAs, gradient checkpointing, the disc's head."""
+    from accelerate.utils import set_seed
+
     unet = teacher.unet
     set_seed(cfg.seed)  # LoRA A and head initialisation (the same on every process)
     adversarial = cfg.adv_weight > 0
@@ -115,10 +111,16 @@ def build(cfg):
     if cfg.gradient_checkpointing:
         enable_checkpointing(unet)
     head = DiscriminatorHead(feature_channels(unet, cfg.disc_features)) if adversarial else None
-    model = SCottStep(unet, cfg, alphas_cumprod(), head)
+    return SCottStep(unet, cfg, alphas_cumprod(), head)
+
+
+def optimise(cfg, accelerator, model):
+    """(model, optimizer, scheduler): AdamW over two groups (the student's LoRA at --lr; the disc's LoRA and head at
+    --disc-lr), the warm-up schedule; prepared by accelerate, with the checkpoint hooks registered."""
+    unet = model.unet
     groups = [{"params": [p for n, p in unet.named_parameters() if f".{STUDENT}." in n], "lr": cfg.lr}]
-    if adversarial:
-        disc = [p for n, p in unet.named_parameters() if f".{DISC}." in n] + list(head.parameters())
+    if model.head is not None:
+        disc = [p for n, p in unet.named_parameters() if f".{DISC}." in n] + list(model.head.parameters())
         groups.append({"params": disc, "lr": cfg.disc_lr})
     optimizer = torch.optim.AdamW(groups)
     warmup = max(cfg.lr_warmup_steps, 1)
@@ -126,6 +128,26 @@ def build(cfg):
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     checkpoint.register_hooks(accelerator)
+    return model, optimizer, scheduler
+
+
+def build(cfg):
+    """Accelerator, data (less what keep-best withholds), teacher + adapters + head, optimiser: a run ready at
+    step 0."""
+    accelerator, output = make_accelerator(cfg), Path(cfg.output)
+    check_teacher_path(cfg.teacher, cfg.trust_ckpt)  # the cheap checks first: the teacher's kind, then the data
+    cfg.source.check()  # a missing folder or shard, a bad prompt file: fails here, before any model loads
+    checkpoint.check_resume_data(cfg)
+    check_judges(cfg)  # --inception / --clip files
+    dataset, prompts, holdout = training_data(cfg, accelerator)
+    if dataset is not None and dataset.bucketed and accelerator.is_main_process:
+        log.info(bucket_report(dataset.groups()))
+    teacher = load_teacher(
+        cfg.teacher, cfg.trust_ckpt, dtype=weight_dtype(cfg.mixed_precision, accelerator.device)
+    )
+    if dataset is None:
+        dataset = synthetic_dataset(cfg, accelerator, teacher, prompts)
+    model, optimizer, scheduler = optimise(cfg, accelerator, step_model(cfg, teacher))
     teacher.vae.to(accelerator.device)
     teacher.text_encoder.to(accelerator.device)
     run = Run(
@@ -139,6 +161,7 @@ def build(cfg):
         training_grid(cfg.grid_spacing),
         None,
         Skipped(output / SKIPPED, dataset.skips + dataset.undrawn(cfg.batch_size * accelerator.num_processes)),
+        holdout,
     )
     if cfg.cache_latents:
         run.dataset = cache_latents(run)
@@ -221,20 +244,6 @@ def take_micro_batches(batches, count, skipped=None, patience=MIN_EMPTY_DRAWS):
     return micro, met
 
 
-@contextlib.contextmanager
-def on_device(module, device):
-    """`module` on `device` inside the context, back where it was after (the VAE leaves the GPU once latents are
-    cached; validation decodes on the GPU all the same)."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-        if home != torch.device(device) and torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-
-
 def validate(run, step, prompts):
     """Write output/validation/step_N.png on the main process."""
     if not run.accelerator.is_main_process:
@@ -258,35 +267,27 @@ def validate(run, step, prompts):
     return path
 
 
-HELDOUT_SEED = 7_654_321  # the held-out batch's generators: --seed + this (latent sample, draws), + 1 (teacher)
-
-
-def heldout_batch(run):
-    """The keep-best batch: the data stream's first micro-batch (process 0's share), its latents and the step's
-    draws from seeds of their own; the same in a resumed run."""
-    cfg = run.cfg
-    (batch,), _ = take_micro_batches(data_batches(run, 0), 1)
-    generator = torch.Generator().manual_seed(cfg.seed + HELDOUT_SEED)
-    z0, cond = batch_latents(run, batch, generator)
-    return HeldOut(z0, cond, draw(z0, run.grid, cfg, generator), cfg.seed + HELDOUT_SEED + 1)
-
-
-def keep_best(run, step, held, keeper):
-    """At a validation: the held-out consistency loss to the log and TensorBoard (val/cd_loss); a new lowest is
-    exported as <output>/<name>_best.safetensors. Main process only; returns the loss."""
-    if not run.accelerator.is_main_process:
+def keep_best(run, step, validation, keeper, judges):
+    """At a validation: the student's keep-best score (the mean over the --validation-steps counts; keep_best.py) to
+    the log and TensorBoard (val/<score name>, and per step count), with FID / CLIP score where their weights are
+    given; a new lowest is exported as <output>/<name>_best.safetensors with its score and step. Main process only;
+    returns the score."""
+    if not run.accelerator.is_main_process or validation is None:
         return None
-    cfg = run.cfg
-    with run.accelerator.autocast():
-        loss = heldout_loss(run.accelerator.unwrap_model(run.model), held, run.uncond)
+    cfg, name = run.cfg, run.cfg.keep_best_score
+    values, judged = student_scores(run, validation, judges)
+    value = sum(values.values()) / len(values)
     if run.accelerator.log_with:
-        run.accelerator.log({"val/cd_loss": loss}, step=step)
-    if keeper.improves(loss):
+        logged = {f"val/{name}": value, **{f"val/{name}/{k}_steps": v for k, v in values.items()}}
+        logged.update({f"val/{judge}/{k}_steps": v for k, found in judged.items() for judge, v in found.items()})
+        run.accelerator.log(logged, step=step)
+    if keeper.improves(value):
         best = Path(cfg.output) / f"{cfg.name}_best.safetensors"
-        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, best, step=step)
-        keeper.record(step, loss)
-    log.info("step %d: held-out consistency loss %.6g (best %.6g at step %s)", step, loss, keeper.loss, keeper.step)
-    return loss
+        extra = {"scott.validation_score": value, "scott.validation_score_name": name}
+        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, best, step=step, extra=extra)
+        keeper.record(step, value)
+    log.info("step %d: %s", step, score_line(cfg, validation, value, values, judged, keeper))
+    return value
 
 
 def write_skips(run):
@@ -319,45 +320,67 @@ def saves_at(cfg, step):
     return bool(every) or step in cfg.save_step_set()
 
 
+@dataclass
+class Whereabouts:
+    """Where a run is, for its out-of-memory line: what it was doing, and its last finished checkpoint."""
+
+    doing: str = "while loading the teacher, drawing data-free images or caching latents"
+    checkpoint: Path | None = None
+
+
 def train(cfg):
-    """Run cfg to max_steps (resuming if asked); returns the exported LoRA's path."""
+    """Run cfg to max_steps (resuming if asked); returns the exported LoRA's path. Out of GPU memory anywhere: one
+    line with this run's estimated peak, the flags that lower it and the last checkpoint (memory.py)."""
+    where = Whereabouts()
+    try:
+        return train_run(cfg, where)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(cfg, where.doing, where.checkpoint)) from None
+
+
+def train_run(cfg, where):
+    """train()'s body: build, resume, then step, log, checkpoint, export, validate to max_steps; `where` follows."""
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg.validation_prompts) if cfg.validate_every else []
-    try:
-        run = build(cfg)
-    except torch.OutOfMemoryError:
-        raise OutOfMemory(out_of_memory_message(cfg, None, None)) from None
+    run = build(cfg)
     accelerator = run.accelerator
     ckpt_dir = output / "checkpoints"
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
     step = checkpoint.load(accelerator, resume) if resume else 0
-    held = heldout_batch(run) if cfg.validate_every and accelerator.is_main_process else None
-    keeper = KeepBest.open(output / "best.json", resume)
-    if accelerator.is_main_process:
+    where.checkpoint = (checkpoint.checkpoints(ckpt_dir)[-1:] or [None])[0]
+    main = accelerator.is_main_process
+    where.doing = "while preparing keep-best's references"
+    validation = prepare_validation(run, run.holdout) if main and run.holdout else None
+    keeper = KeepBest.open(output / "best.json", cfg.keep_best_score, resume)
+    judges = Judges.load(cfg) if validation is not None else None
+    if main:
         write_run_file(cfg, output / RUN_FILE)
         write_skips(run)
         trained = sum(pair.file not in run.skips for pair in run.dataset.pairs)  # not in a small bucket, cached
-        log.info("%s; %s", run.skips.report(trained), f"resuming at step {step}" if resume else "fresh run")
+        log.info(
+            "%s; keep-best: %s; %s",
+            run.skips.report(trained),
+            run.holdout.origin if run.holdout else "off",
+            f"resuming at step {step}" if resume else "fresh run",
+        )
     if accelerator.log_with:
         accelerator.init_trackers("scott", config={k: v for k, v in asdict(cfg).items() if v is not None})
     batches = data_batches(run, step)
     patience = max(MIN_EMPTY_DRAWS, epoch_batches(run.dataset, cfg.batch_size, accelerator.num_processes))
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.mode)
-    last_good = checkpoint.checkpoints(ckpt_dir)[-1:] or [None]
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=cfg.mode)
     run.model.train()
     started = time.perf_counter()
     try:
         while step < cfg.max_steps:
+            where.doing = f"at step {step + 1}"
             micro, _ = take_micro_batches(batches, cfg.grad_accum, run.skips, patience)
             try:
                 losses = train_step(run, micro, step)
             except TrainingDiverged as exc:
                 raise TrainingDiverged(
-                    f"{exc}; last good checkpoint: {last_good[0] or 'none written yet'}"
+                    f"{exc}; last good checkpoint: {where.checkpoint or 'none written yet'}"
                 ) from None
-            except torch.OutOfMemoryError:
-                raise OutOfMemory(out_of_memory_message(cfg, step, last_good[0])) from None
             step += 1
             lr = run.scheduler.get_last_lr()[0]
             progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", skipped=len(run.skips))
@@ -367,21 +390,22 @@ def train(cfg):
                     {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "data/skipped": len(run.skips)},
                     step=step,
                 )
-            if accelerator.is_main_process and step % cfg.log_every == 0:  # the disc's hinge, margin, ratio too
+            if main and step % cfg.log_every == 0:  # the disc's hinge, margin, ratio too
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items()))
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                last_good = [checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)]
-            if saves_at(cfg, step) and accelerator.is_main_process:
+                where.checkpoint = checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)
+            if saves_at(cfg, step) and main:
                 export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, step_lora_path(cfg, step), step=step)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+                where.doing = f"while validating at step {step}"
                 validate(run, step, prompts)
-                keep_best(run, step, held, keeper)
+                keep_best(run, step, validation, keeper, judges)
         gather_skips(run)
     finally:
         progress.close()
         write_skips(run)  # every process's skips; only this one's when the run stops early
     path = output / f"{cfg.name}.safetensors"
-    if accelerator.is_main_process:
+    if main:
         export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path, step=step)
         log.info(
             "%d steps in %.1f s; %d inputs skipped, listed in %s; LoRA written to %s",

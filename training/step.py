@@ -58,6 +58,11 @@ class StepPlan:
     def needs_fake(self):
         return self.adv_weight > 0 or self.disc_update
 
+    @property
+    def load(self):
+        """(disc updates, generator term on): how much of the adversarial part it runs, comparable with max."""
+        return self.disc_update, self.adv_weight > 0
+
 
 def adv_weight_at(cfg, step):
     """The generator term's weight at optimiser step `step` (from 0): 0 during --disc-head-warmup, else
@@ -74,6 +79,12 @@ def step_plan(cfg, step):
     --adv-decay-steps; the discriminator updates on the --disc-every-th steps (steps k, 2k, ... counted from 1)."""
     on = cfg.adv_weight > 0 and not (cfg.adv_decay_steps and step >= cfg.adv_decay_steps)
     return StepPlan(adv_weight_at(cfg, step) if on else 0.0, on and (step + 1) % cfg.disc_every == 0)
+
+
+def peak_step(cfg):
+    """The first optimiser step (from 0) whose StepPlan runs the most of the adversarial part, the disc update first,
+    then the generator term: the step whose memory is the run's peak (0 without an adversary)."""
+    return max(range(cfg.disc_head_warmup + cfg.disc_every), key=lambda s: step_plan(cfg, s).load)
 
 
 DISC_SALT = 0x5C077D15C  # the disc's generator seed: the step generator's seed xor this

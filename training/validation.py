@@ -1,10 +1,7 @@
-"""Validation: prompt lines with kohya-style options, the grids (prompts x {1, 2, 4} steps from scott_core's sampler
-with the student LoRA), and keep-best's held-out consistency loss."""
+"""Validation grids: prompt lines with kohya-style options, the grids (prompts x {1, 2, 4} steps from scott_core's
+sampler with the student LoRA). Keep-best's score: keep_best.py."""
 
-import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +14,6 @@ from scott_core.schedule import lcm_timesteps
 from .errors import UserError
 from .models.adapters import STUDENT, using
 from .models.unet import guided_eps_fn, unet_eps_fn
-from .step import Draws
 
 DEFAULT_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -194,59 +190,3 @@ def validation_grid(unet, vae, cond, uncond, lines, step_counts, alphas_cumprod,
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return image
-
-
-@dataclass
-class HeldOut:
-    """The fixed batch of the held-out consistency loss: latents, caption embeddings and the training step's draws;
-    the teacher's SDE noise restarts from `teacher_seed` at every evaluation, so a fixed LoRA gives a fixed loss."""
-
-    z0: torch.Tensor
-    cond: torch.Tensor
-    draws: Draws
-    teacher_seed: int
-
-    def fresh_draws(self):
-        """The draws with the teacher's generator reset."""
-        return dataclasses.replace(self.draws, generator=torch.Generator().manual_seed(self.teacher_seed))
-
-
-@torch.no_grad()
-def heldout_loss(model, held, uncond):
-    """The SCott step's own consistency loss ('cd') on the held-out batch, in eval mode without grad: the one call
-    into the training step (model: the unwrapped SCottStep)."""
-    training = model.training
-    model.eval()
-    try:
-        return model.consistency_loss(model.estimate(held.z0, held.cond, uncond, held.fresh_draws()))[0].item()
-    finally:
-        model.train(training)
-
-
-@dataclass
-class KeepBest:
-    """The lowest held-out loss so far and its step, kept in a small JSON file that a resumed run reads back."""
-
-    path: Path
-    loss: float = math.inf
-    step: int | None = None
-
-    @classmethod
-    def open(cls, path, resume):
-        """The record at `path` when resuming; a fresh run starts with none (an old file is overwritten)."""
-        path = Path(path)
-        if resume and path.is_file():
-            record = json.loads(path.read_text())
-            return cls(path, float(record["cd_loss"]), int(record["step"]))
-        return cls(path)
-
-    def improves(self, loss):
-        """Whether `loss` is below the best so far (NaN never is)."""
-        return loss < self.loss
-
-    def record(self, step, loss):
-        """Make (step, loss) the best and write the file (temp + rename)."""
-        self.loss, self.step = loss, step
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "cd_loss": loss}) + "\n")
-        os.replace(tmp, self.path)

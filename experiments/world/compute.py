@@ -1,6 +1,6 @@
 """Training compute of a world run: the FLOPs of an arm's optimiser steps on the world's teacher, counted on the
-trainer's own phased step (training.step.scott_backward under the arm's per-step plan) by benchmarks.memory's
-count_flops, the counter bench_train's estimate uses; and the steps at which an arm has spent given budgets.
+trainer's own phased step (training.step.scott_backward under the arm's per-step plan) by training.memory's
+count_flops, the counter of the trainer's --estimate-memory; and the steps at which an arm has spent given budgets.
 
 A step's FLOPs depend on which parts of it run (training.step.StepPlan: the generator term on or off, the
 discriminator updating or not), not on the data or the weights, so each kind of step is counted once, on random
@@ -10,12 +10,11 @@ FLOPs of one `--mode lcm` step at the same sizes, so `lcm` spends budget b in ex
 
 import torch
 
-from benchmarks.memory import count_flops
-from scott_core.schedule import alphas_cumprod, training_grid
-from training.models.adapters import add_adapters
-from training.models.discriminator import DiscriminatorHead, feature_channels
+from scott_core.schedule import training_grid
+from training.loop import step_model
+from training.memory import count_flops
 from training.models.teacher import load_teacher
-from training.step import SCottStep, draw, scott_backward, step_plan
+from training.step import draw, scott_backward, step_plan
 
 
 def kind(plan):
@@ -29,21 +28,12 @@ def kinds(cfg, steps):
     return [kind(step_plan(cfg, s)) for s in range(steps)]
 
 
-def step_model(cfg):
-    """(The SCottStep of cfg on its teacher's UNet, adapters and head as training.loop.build adds them; the teacher's
-    VAE downscale factor)."""
-    teacher = load_teacher(cfg.teacher)
-    unet, adversarial = teacher.unet, cfg.adv_weight > 0
-    add_adapters(unet, cfg.lora_rank, cfg.lora_alpha, cfg.disc_lora_rank if adversarial else None, cfg.disc_features)
-    head = DiscriminatorHead(feature_channels(unet, cfg.disc_features)) if adversarial else None
-    return SCottStep(unet, cfg, alphas_cumprod(), head), 2 ** (len(teacher.vae.config.block_out_channels) - 1)
-
-
 def kind_flops(cfg, steps):
     """{kind: FLOPs of one optimiser step of that kind} for the kinds among cfg's first `steps` steps: scott_backward
     on grad_accum micro-batches of cfg.batch_size latents at cfg.resolution (the AdamW update is elementwise and
     counts no FLOPs)."""
-    model, scale = step_model(cfg)
+    teacher = load_teacher(cfg.teacher)
+    model, scale = step_model(cfg, teacher), 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     config = model.unet.config
     generator = torch.Generator().manual_seed(0)
     latent = cfg.resolution // scale

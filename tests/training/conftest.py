@@ -4,6 +4,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -131,6 +132,8 @@ TINY_FLAGS = dict(
     checkpoint_every=0,
     log_every=1,
     buckets=False,  # 16 px is under the 64 px buckets: the tiny runs train square crops unless a test asks
+    validation_samples=4,  # keep-best scores 4 samples (its withheld captions when validation is on)
+    synth_steps=4,  # the teacher's reference samples for keep-best (and data-free images) in 4 steps
 )
 
 
@@ -151,7 +154,7 @@ def tiny_argv(teacher, data, output, **overrides):
     return argv
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     return make_tiny_config
 
@@ -289,3 +292,89 @@ def sd15_single_file(cache_dir):
     if not path.is_file():
         build_sd15_single_file(path)
     return path
+
+
+# --- Random-weight scoring networks of training.eval (FID Inception-v3, a tiny CLIP) ---
+
+INCEPTION_VERSION = "fid-inception-random-v1.pth"
+CLIP_VERSION = "tiny-clip-random-v1"
+
+
+@pytest.fixture(scope="session")
+def inception_file(cache_dir):
+    """A random-weight state dict of the FID Inception-v3 architecture (same keys and shapes as the real file)."""
+    path = cache_dir / INCEPTION_VERSION
+    if not path.is_file():
+        torch.manual_seed(0)
+        from training.eval import scorers
+
+        tmp = path.with_suffix(".tmp")
+        torch.save(scorers.fid_inception_v3().state_dict(), tmp)
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_folder(cache_dir):
+    """A tiny random transformers CLIP model + processor folder (32 px images, SD1.5's CLIP tokenizer)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = cache_dir / CLIP_VERSION
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                    pad_token_id=49407)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                      patch_size=8)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = CLIPProcessor(image_processor=images, tokenizer=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"))
+        tmp = Path(str(folder) + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def torchmetrics_clip_score(model, processor, images, captions):
+    """torchmetrics' CLIPScore of uint8 CHW tensors and captions, on our CLIP model and processor."""
+    from torchmetrics import multimodal
+
+    class Features(torch.nn.Module):
+        """CLIPModel's own get_*_features, as plain tensors (transformers 5 returns output objects)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, pixel_values):
+            return _tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+        def get_text_features(self, input_ids, attention_mask=None):
+            return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+    reference = multimodal.CLIPScore(model_name_or_path=lambda: (Features(), processor))
+    reference.update(images, captions)
+    return reference.compute().item()
+
+
+def _tensor(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def pytorch_fid_of(a, b):
+    """pytorch-fid's Frechet distance (scipy sqrtm) of two numpy feature sets."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+@pytest.fixture(scope="session")
+def references():
+    """The independent references of FID and CLIP score: .fid(a, b) by pytorch-fid, .clip_score(...) by
+    torchmetrics."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(fid=pytorch_fid_of, clip_score=torchmetrics_clip_score)

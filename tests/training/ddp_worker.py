@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: 3 SCott steps on each rank, then save this rank's
-trainable tensors and the captions it trained on. Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM]."""
+trainable tensors, the captions it trained on and those keep-best withheld (with `split`: validation on, so
+--validation-split auto applies). Usage: ddp_worker.py TEACHER DATA OUTPUT [GRAD_ACCUM [split]]."""
 
 import json
 import sys
@@ -15,7 +16,9 @@ from training.loop import build, data_batches, train_step  # noqa: E402
 
 teacher, data, output = sys.argv[1:4]
 accum = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3, grad_accum=accum))
+validate_every = 1 if sys.argv[5:] == ["split"] else 0
+run = build(make_tiny_config(teacher, data, output, mode="scott", lr=1e-3, grad_accum=accum,
+                             validate_every=validate_every))
 rank, seen, batches = run.accelerator.process_index, [], data_batches(run, 0)
 for step in range(3):
     micro = [next(batches) for _ in range(accum)]
@@ -23,5 +26,6 @@ for step in range(3):
     train_step(run, micro, step)
 save_file(trainable_state(run.accelerator.unwrap_model(run.model)), f"{output}/rank{rank}.safetensors")
 Path(f"{output}/rank{rank}.json").write_text(
-    json.dumps({"world": run.accelerator.num_processes, "seen": seen})
+    json.dumps({"world": run.accelerator.num_processes, "seen": seen,
+                "withheld": run.holdout.captions if run.holdout else []})
 )

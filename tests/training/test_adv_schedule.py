@@ -7,15 +7,15 @@ import logging
 import pytest
 import torch
 
-from benchmarks.memory import count_flops
 from training.cli import parse_config
 from training.data.images import make_loader
 from training.encode import encode_images, encode_text
 from training.errors import UserError
 from training.export import metadata
 from training.loop import build, step_generator, train
+from training.memory import count_flops
 from training.models.adapters import STUDENT, adapter_params
-from training.step import StepPlan, adv_weight_at, draw, scott_backward, step_plan
+from training.step import StepPlan, adv_weight_at, draw, peak_step, scott_backward, step_plan
 
 from .test_discriminator import checkpoint_tensors, student_and_disc
 
@@ -41,6 +41,14 @@ def test_head_warmup_and_no_adversary_plans():
         StepPlan(pytest.approx(0.1), True), StepPlan(0.0, False)]
     assert step_plan(config(**{"--mode": "lcm"}), 0) == StepPlan(0.0, False)
     assert step_plan(config(), 123) == StepPlan(0.4, True)  # the defaults: constant weight, the disc every step
+
+
+def test_peak_step_is_the_first_with_the_disc_update_and_the_generator_term():
+    assert peak_step(config()) == 0
+    assert peak_step(config(**{"--disc-every": 3})) == 2  # steps 3, 6, ... counted from 1
+    assert peak_step(config(**{"--disc-head-warmup": 5, "--disc-every": 2})) == 5  # the first update past warm-up
+    assert peak_step(config(**{"--disc-head-warmup": 4, "--adv-decay-steps": 3})) == 0  # never both: the disc alone
+    assert peak_step(config(**{"--mode": "lcm"})) == 0
 
 
 def test_save_steps_are_checked_and_parsed():
@@ -129,13 +137,3 @@ def test_save_steps_export_those_steps_and_the_last_is_the_final_lora(tiny_teach
     final, _ = lora_format.read_safetensors(tmp_path / "mine.safetensors")
     assert meta["scott.step"] == "3" and all(torch.equal(last[k], final[k]) for k in final)
 
-
-def test_bench_train_estimates_a_configuration_given_by_trainer_flags():
-    from benchmarks.bench_train import trainer_overrides
-    from benchmarks.memory import estimate
-
-    assert trainer_overrides("--mode lcm --adv-weight 0.4 --disc-every 2") == ("lcm", {"adv_weight": 0.4,
-                                                                                       "disc_every": 2})
-    assert trainer_overrides("--sub-steps 1") == ("scott", {"sub_steps": 1})
-    plain = estimate("scott", "tiny", 16, 2, "no", overrides={"adv_weight": 0.0})  # scott's has the disc phase
-    assert set(plain["phases"]) == {"weights", "latents", "estimate", "student_loss", "optimizer"}

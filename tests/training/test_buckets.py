@@ -212,7 +212,7 @@ def test_a_bucketed_run_reports_its_buckets_and_skips_and_resumes_exactly(tiny_t
     listed = straight / "skipped.txt"
     assert (
         f"10 image + caption pairs train; 2 inputs skipped (1 smaller than its bucket, 1 in a bucket under a batch), "
-        f"listed in {listed}; fresh run" in caplog.text
+        f"listed in {listed}; keep-best: off; fresh run" in caplog.text
     )
     assert "2 steps in" in caplog.text and f"; 2 inputs skipped, listed in {listed}; LoRA written to" in caplog.text
     assert listed.read_text().splitlines()[1:] == [

@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 
-from benchmarks.memory import count_flops
 from scott_core.schedule import alpha_sigma, append_dims
 from training import checkpoint
 from training.data.images import make_loader
 from training.encode import encode_images, encode_text
 from training.loop import build, step_generator, train, train_step
+from training.memory import count_flops
 from training.models.adapters import DISC, STUDENT, adapter_params, using
 from training.models.discriminator import unet_features
 from training.step import draw, hinge_d_loss, pseudo_huber, pseudo_huber_grad, scott_backward

@@ -48,6 +48,21 @@ def test_two_ranks_end_with_identical_lora_weights(tiny_teacher, tiny_data, tmp_
     assert moved  # the student was updated, so equality is not trivial
 
 
+def test_two_ranks_withhold_the_same_images_and_never_train_on_them(tiny_teacher, images, tmp_path):
+    data, out = images(tmp_path / "data", 10), tmp_path / "out"
+    out.mkdir()
+    worker = str(Path(__file__).parent / "ddp_worker.py")
+    result = torchrun(worker, str(tiny_teacher), str(data), str(out), "1", "split")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    withheld = info[0]["withheld"]
+    assert len(withheld) == 2 and info[1]["withheld"] == withheld
+    kept = {f"a picture number {i}" for i in range(10)} - set(withheld)
+    # 8 pairs left, 4 per rank, 2 batches of 2 an epoch: the first epoch's 4 images of each rank are its own half.
+    assert set(info[0]["seen"][:4]) | set(info[1]["seen"][:4]) == kept
+    assert not (set(info[0]["seen"]) | set(info[1]["seen"])) & set(withheld)
+
+
 def test_cli_runs_under_torchrun(tiny_teacher, tiny_data, tmp_path, tiny_args):
     out = tmp_path / "out"
     result = torchrun(

@@ -15,46 +15,7 @@ from training import config
 from training.errors import UserError
 from training.eval import coco, evaluation, scorers
 from training.evaluate import build_parser, main, resolve
-from training.models.teacher import ASSETS, load_teacher
-
-INCEPTION_VERSION = "fid-inception-random-v1.pth"
-CLIP_VERSION = "tiny-clip-random-v1"
-
-
-@pytest.fixture(scope="session")
-def inception_file(cache_dir):
-    """A random-weight state dict of the FID Inception-v3 architecture (same keys and shapes as the real file)."""
-    path = cache_dir / INCEPTION_VERSION
-    if not path.is_file():
-        torch.manual_seed(0)
-        tmp = path.with_suffix(".tmp")
-        torch.save(scorers.fid_inception_v3().state_dict(), tmp)
-        tmp.rename(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def clip_folder(cache_dir):
-    """A tiny random transformers CLIP model + processor folder (32 px images, SD1.5's CLIP tokenizer)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    folder = cache_dir / CLIP_VERSION
-    if not (folder / "config.json").is_file():
-        torch.manual_seed(0)
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                    pad_token_id=49407)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                      patch_size=8)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-        images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        processor = CLIPProcessor(image_processor=images, tokenizer=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"))
-        tmp = Path(str(folder) + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tmp.rename(folder)
-    return folder
+from training.models.teacher import load_teacher
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +57,8 @@ def demo_lora(demo_teacher, tmp_path):
 
 
 def test_inception_features_match_pytorch_fids_network(inception_file, monkeypatch):
-    inception = pytest.importorskip("pytorch_fid.inception")
+    from pytorch_fid import inception
+
     state = torch.load(inception_file, weights_only=True)
     monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: state)  # no download
     reference = inception.InceptionV3([3], resize_input=False).eval()
@@ -110,12 +72,10 @@ def test_inception_features_match_pytorch_fids_network(inception_file, monkeypat
 
 
 def test_resize_is_clean_fids():
-    resize = pytest.importorskip("cleanfid.resize")
+    from cleanfid import resize
+
     pixels = np.random.default_rng(0).integers(0, 256, size=(70, 50, 3), dtype=np.uint8)
-    try:
-        expected = resize.make_resizer("PIL", False, "bicubic", (299, 299))(pixels)
-    except (TypeError, ValueError) as error:  # clean-fid 0.1.35 passes mode="F", which newer Pillow removed
-        pytest.skip(f"clean-fid does not run with this Pillow: {error}")
+    expected = resize.make_resizer("PIL", False, "bicubic", (299, 299))(pixels)
     np.testing.assert_allclose(scorers.clean_resize(pixels), expected, rtol=0, atol=1e-4)
 
 
@@ -128,37 +88,16 @@ def test_inception_weights_file_is_checked(tmp_path):
         scorers.load_inception(other)
 
 
-def test_clip_score_matches_torchmetrics(clip_folder):
-    multimodal = pytest.importorskip("torchmetrics.multimodal")
+def test_clip_score_matches_torchmetrics(clip_folder, references):
     model, processor = scorers.load_clip(clip_folder)
-
-    class Features(torch.nn.Module):
-        """CLIPModel's own get_*_features, as plain tensors (transformers 5 returns output objects)."""
-
-        def __init__(self):
-            super().__init__()
-            self.model, self.config = model, model.config
-
-        def get_image_features(self, pixel_values):
-            return _tensor(self.model.get_image_features(pixel_values=pixel_values))
-
-        def get_text_features(self, input_ids, attention_mask=None):
-            return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-
     generator = torch.Generator().manual_seed(0)
     images = [(torch.rand(3, 40, 48, generator=generator) * 255).to(torch.uint8) for _ in range(6)]
     captions = ["a red circle", "a blue square on white", "cat", "a photo of a dog", "two birds", "the sea at dusk"]
-    reference = multimodal.CLIPScore(model_name_or_path=lambda: (Features(), processor))
-    reference.update(images, captions)
     pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
     cosines = scorers.clip_cosines(model, processor, pil, captions, batch_size=4)
     assert scorers.clip_score(model, processor, pil, captions, batch_size=4) == pytest.approx(
-        reference.compute().item(), abs=1e-4)
+        references.clip_score(model, processor, images, captions), abs=1e-4)
     assert scorers.clip_score(model, processor, pil, captions) == pytest.approx(max(cosines.mean().item(), 0))
-
-
-def _tensor(output):
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def test_missing_clip_folder_is_one_line(tmp_path):
@@ -278,7 +217,7 @@ def test_missing_weights_stop_before_generation(tmp_path, demo_lora, inception_f
 
 
 def test_end_to_end_on_the_demo_teacher_then_a_rerun_reuses_the_cache(tmp_path, demo_lora, inception_file,
-                                                                     clip_folder, capsys, monkeypatch):
+                                                                     clip_folder, references, capsys, monkeypatch):
     monkeypatch.setattr(scorers, "INCEPTION_SIZE", 96)  # speed only: the network is fully convolutional to the pool
     argv = eval_argv(tmp_path, demo_lora, inception_file, clip_folder)
     assert main(argv) == 0
@@ -287,10 +226,19 @@ def test_end_to_end_on_the_demo_teacher_then_a_rerun_reuses_the_cache(tmp_path, 
     names = [row["name"] for row in results["rows"]]
     assert names == ["teacher_dpmpp2m4_cfg7.5", "tiny_scott_steps1_gamma0.5_cfg1", "tiny_scott_steps2_gamma0.5_cfg1"]
     assert (results["n"], results["n_real"], results["resolution"], results["k"]) == (6, 8, 64, 5)
+    inception, (clip, processor) = scorers.load_inception(inception_file), scorers.load_clip(clip_folder)
+    real = scorers.inception_features(inception, evaluation.Lazy(sorted((tmp_path / "real").iterdir()),
+                                                                 evaluation.real_loader(64)))
+    prompts = (tmp_path / "prompts.txt").read_text().splitlines()
     for row in results["rows"]:
         assert (row["n"], row["n_real"]) == (6, 8)
-        assert np.isfinite(row["fid"]) and row["fid"] >= 0 and row["clip_score"] >= 0
-        assert all(0 <= row[key] <= 1 for key in ("precision", "recall", "coverage"))
+        images = [Image.open(out / "images" / row["name"] / f"{i:06d}.png").convert("RGB") for i in range(6)]
+        fake = scorers.inception_features(inception, images)  # 6 and 8 images, 2048 features: singular covariances
+        assert row["fid"] == pytest.approx(references.fid(real.numpy(), fake.numpy()), rel=1e-6)
+        tensors = [torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]
+        captions = [prompts[i % 2] for i in range(6)]
+        assert row["clip_score"] == pytest.approx(references.clip_score(clip, processor, tensors, captions),
+                                                  abs=1e-4)
     assert [row["gamma"] for row in results["rows"]] == [None, 0.5, 0.5]  # from the LoRA's metadata
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| teacher_dpmpp2m4_cfg7.5 | dpmpp_2m | 4 | 7.5 |")

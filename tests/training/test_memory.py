@@ -1,7 +1,9 @@
-"""Memory: the fake-tensor estimator, the hardware defaults written to the config, lean synthesis, and the
-one-line out-of-memory message."""
+"""Memory: the estimate is the loop's own step on fake tensors (equal, byte for byte and FLOP for FLOP, to the same
+step on real tensors), sees the run's settings, and is what the one-line out-of-memory message says; the hardware
+defaults written to the config; lean synthesis."""
 
 import math
+import re
 
 import pytest
 
@@ -12,12 +14,13 @@ except ImportError:  # Python 3.10
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.memory import BLOCK, LiveBytes, estimate, norms_in_fp32, tiny_components, tokenizer
-from training import loop
+from training import loop, memory
 from training.cli import parse_config
 from training.data import synth
 from training.distill import main
-from training.models.teacher import load_teacher
+from training.loop import make_accelerator
+from training.memory import BLOCK, LiveBytes, estimate, norms_in_fp32
+from training.models.teacher import load_teacher, tokenize
 from training.runfile import write_run_file
 
 
@@ -41,50 +44,87 @@ def test_norms_run_in_fp32_under_autocast_as_on_cuda():
     torch.testing.assert_close(out, norm(x.bfloat16().float()))
 
 
+SETTINGS = {  # tiny model, 32 px, batch 2, bf16
+    "cached": dict(),
+    "uncached": dict(cache_latents=False),
+    "checkpointing": dict(gradient_checkpointing=True),
+    "schedule": dict(disc_head_warmup=1, disc_every=2),  # step 0: no generator term, no disc update
+}
+
+
 @pytest.fixture(scope="module")
-def estimates():
-    """Tiny model, 32 px, batch 2, bf16: scott and lcm without and with checkpointing."""
-    return {
-        (config, ckpt): estimate(config, "tiny", 32, 2, "bf16", ckpt)
-        for config in ("scott", "lcm")
-        for ckpt in (False, True)
-    }
+def configs(tiny_teacher, tiny_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory")
+    base = dict(resolution=32, mixed_precision="bf16", gradient_checkpointing=False)
+    return {name: tiny_config(tiny_teacher, out, out, **{**base, **extra}) for name, extra in SETTINGS.items()}
 
 
-def test_estimator_sees_weights_phases_and_checkpointing(estimates):
-    scott, lcm = estimates[("scott", False)], estimates[("lcm", False)]
-    phases = scott["phase_bytes"]
-    assert scott["peak_bytes"] == max(phases.values()) > phases["weights"] > 0
-    # Phased: in the student's phase the disc's graph is gone, so scott's student phase exceeds lcm's (same
-    # student, no disc) by less than the disc's own graph.
-    disc_graph = phases["discriminator_loss"] - phases["weights"]
-    assert phases["student_loss"] - lcm["phase_bytes"]["student_loss"] < disc_graph
-    for config in ("scott", "lcm"):
-        assert estimates[(config, True)]["peak_bytes"] < estimates[(config, False)]["peak_bytes"]
-        # Recompute costs FLOPs: checkpointing trades them for memory.
-        assert estimates[(config, True)]["flop"] > estimates[(config, False)]["flop"]
-    assert lcm["flop"] < scott["flop"] and "discriminator_loss" not in lcm["phases"]
+@pytest.fixture(scope="module")
+def estimates(configs):
+    from accelerate.state import AcceleratorState
+
+    found = {}
+    for name, cfg in configs.items():
+        found[name] = estimate(cfg)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return found
 
 
-def test_cached_step_has_no_encode_and_no_encoder_weights(estimates):
-    """--cache-latents (the default): z0 from the cached mean / std, captions from the cache; the step without it
-    costs exactly one VAE encode and one text-encoder pass more, counted independently on the real tiny modules."""
-    cached, uncached = estimates[("scott", False)], estimate("scott", "tiny", 32, 2, "bf16", False, cache_latents=False)
-    assert (cached["cache_latents"], uncached["cache_latents"]) == (True, False)
-    _, vae, text, _, _ = tiny_components()
-    vae, text = vae.to(torch.bfloat16), text.to(torch.bfloat16)
-    ids = tokenizer()(["a caption"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+def real_step_counts(cfg):
+    """LiveBytes and per-step FLOPs of the loop's step on real tensors (random weights on the CPU), counted as the
+    estimate counts its fake one."""
+    accelerator = make_accelerator(cfg)
+    run = memory.step_run(cfg, accelerator, memory.random_teacher(cfg, accelerator.device))
+    counter = LiveBytes()
+    with norms_in_fp32():
+        hooks = memory.mark_phases(run, counter)
+        with counter:
+            for tensor in memory.resident(run):
+                counter.track(tensor)
+            counter.begin("weights")
+            memory.run_steps(run, counter, steps=1)
+            first, resident = dict(counter.flops), counter.current
+            memory.run_steps(run, counter, steps=1)
+        for hook in hooks:
+            hook.remove()
+    return counter, resident, {k: v - first.get(k, 0) for k, v in counter.flops.items() if v - first.get(k, 0)}
+
+
+def test_the_estimate_equals_the_loops_step_on_real_tensors(configs, estimates):
+    """No weights are loaded and no value is computed, yet every storage and every FLOP is the real step's."""
+    counter, resident, flops = real_step_counts(configs["uncached"])
+    found = estimates["uncached"]
+    assert (found.peak_bytes, found.resident_bytes) == (counter.peak, resident)
+    assert found.phase_bytes == counter.phases and found.phase_flops == flops
+    assert set(found.phase_bytes) == {"weights", "latents", "estimate", "discriminator_loss", "student_loss",
+                                      "optimizer"}
+
+
+def test_the_estimate_runs_the_heaviest_step_of_the_adversarial_schedule(estimates):
+    """The first step of a run with a disc head warm-up and the disc every 2nd step runs neither the generator term
+    nor the disc update; the estimate runs step 1, which runs both, as every step of the default schedule does."""
+    scheduled, full = estimates["schedule"], estimates["cached"]
+    assert (scheduled.peak_bytes, scheduled.phase_bytes, scheduled.phase_flops) == (
+        full.peak_bytes, full.phase_bytes, full.phase_flops)
+
+
+def test_the_estimate_sees_checkpointing_and_the_cache(tiny_teacher, estimates):
+    cached, uncached, checkpointed = (estimates[k] for k in ("cached", "uncached", "checkpointing"))
+    assert checkpointed.peak_bytes < cached.peak_bytes  # recompute trades FLOPs for memory
+    assert sum(checkpointed.phase_flops.values()) > sum(cached.phase_flops.values())
+    # Without the cache the step encodes the batch: exactly one VAE encode and one text-encoder pass more, counted on
+    # the real tiny modules, and their (bf16) weights stay on the GPU.
+    teacher = load_teacher(tiny_teacher, dtype=torch.bfloat16)
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
-        vae.encode(torch.rand(2, 3, 32, 32, dtype=torch.bfloat16))
-        text(ids)
+        teacher.vae.encode(torch.rand(2, 3, 32, 32, dtype=torch.bfloat16))
+        teacher.text_encoder(tokenize(teacher.tokenizer, ["a photograph"] * 2))
     encode = flops.get_total_flops()
-    assert encode > 0 and cached["phase_flop"].get("latents", 0) == 0
-    assert uncached["flop"] - cached["flop"] == encode
-    assert {k: v for k, v in uncached["phase_flop"].items() if k != "latents"} == cached["phase_flop"]
-    # The VAE and text encoder left the GPU: the resident bytes drop by exactly their (bf16) weights.
-    encoders = sum(math.ceil(p.numel() * 2 / BLOCK) * BLOCK for p in [*vae.parameters(), *text.parameters()])
-    assert uncached["phase_bytes"]["weights"] - cached["phase_bytes"]["weights"] == encoders
-    assert cached["peak_bytes"] <= uncached["peak_bytes"] - encoders
+    assert encode > 0 and "latents" not in cached.phase_flops
+    assert uncached.phase_flops["latents"] == encode
+    assert {k: v for k, v in uncached.phase_flops.items() if k != "latents"} == cached.phase_flops
+    tensors = [t for m in (teacher.vae, teacher.text_encoder) for t in (*m.parameters(), *m.buffers())]
+    encoders = sum(math.ceil(t.numel() * t.element_size() / BLOCK) * BLOCK for t in tensors)
+    assert uncached.phase_bytes["weights"] - cached.phase_bytes["weights"] == encoders
 
 
 def test_config_resolves_auto_for_this_machine(tiny_teacher, tiny_data, tmp_path, tiny_args, monkeypatch):
@@ -117,7 +157,7 @@ def test_synthesis_decodes_one_image_at_a_time(tiny_teacher, tmp_path, tiny_conf
     assert not teacher.vae.use_slicing  # training's VAE encode is left as it was
 
 
-def test_out_of_memory_ends_with_one_line(tiny_teacher, tiny_data, tmp_path, tiny_args, monkeypatch, capsys):
+def oom_on_third_step(monkeypatch):
     real, calls = loop.scott_backward, []
 
     def runs_out_on_third_step(*args, **kwargs):
@@ -127,6 +167,11 @@ def test_out_of_memory_ends_with_one_line(tiny_teacher, tiny_data, tmp_path, tin
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "scott_backward", runs_out_on_third_step)
+
+
+def test_out_of_memory_is_one_line_with_the_runs_own_estimate(tiny_teacher, tiny_data, tmp_path, tiny_args,
+                                                               monkeypatch, capsys):
+    oom_on_third_step(monkeypatch)
     out = tmp_path / "out"
     argv = tiny_args(tiny_teacher, tiny_data, out, max_steps=4, checkpoint_every=2, mode="lcm")
     assert main(argv) == 2
@@ -134,6 +179,42 @@ def test_out_of_memory_ends_with_one_line(tiny_teacher, tiny_data, tmp_path, tin
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err
     line = lines[0]
-    assert line.startswith("error: out of GPU memory at step 3: this run needs about ")
-    assert "--gradient-checkpointing" in line and "--mixed-precision bf16" in line and "--batch-size 1" in line
-    assert line.endswith(str(out / "checkpoints" / "step_0000002"))
+    run_file = out / "out_of_memory.toml"
+    found = re.fullmatch(
+        r"error: out of GPU memory at step 3: this run needs about [0-9.]+ GiB \(([0-9]+) bytes; estimate: "
+        rf"python -m training.distill --config {re.escape(str(run_file))} --estimate-memory\); lower it with "
+        r"(.*); last checkpoint: (.*)", line)
+    assert found, line
+    assert found[2] == "--gradient-checkpointing, --mixed-precision bf16, --batch-size 1 --grad-accum 2"
+    assert found[3] == str(out / "checkpoints" / "step_0000002")
+    assert main(["--config", str(run_file), "--estimate-memory"]) == 0
+    printed = capsys.readouterr().out
+    assert memory.PEAK_LINE.search(printed)[1] == found[1]  # the message's number is --estimate-memory's
+
+
+def error_line(capsys):
+    """The one 'error:' line on stderr."""
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_out_of_memory_names_what_the_run_was_doing(tiny_teacher, tiny_data, tmp_path, tiny_args, monkeypatch,
+                                                    capsys):
+    monkeypatch.setattr(memory, "estimate_in_child", lambda run_file: 12345)
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(loop, "load_teacher", no_room)
+    assert main(tiny_args(tiny_teacher, tiny_data, tmp_path / "a")) == 2
+    assert error_line(capsys).startswith(
+        "error: out of GPU memory while loading the teacher, drawing data-free images or caching latents: this run "
+        "needs about 0.00 GiB (12345 bytes; estimate: ")
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "estimate_in_child", lambda run_file: None)
+    monkeypatch.setattr(loop, "keep_best", no_room)
+    assert main(tiny_args(tiny_teacher, tiny_data, tmp_path / "b", validate_every=2, max_steps=2, mode="lcm")) == 2
+    run_file = tmp_path / "b" / "out_of_memory.toml"
+    assert error_line(capsys).startswith(
+        f"error: out of GPU memory while validating at step 2: its estimate: python -m training.distill --config "
+        f"{run_file} --estimate-memory; lower it with ")

@@ -37,14 +37,31 @@ def test_frechet_distance_of_samples_approaches_the_population_value():
     assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
 
 
-def test_frechet_distance_matches_pytorch_fids_scipy_formula():
-    fid_score = pytest.importorskip("pytorch_fid.fid_score")
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24))
-    b = rng.normal(size=(250, 24)) @ rng.normal(size=(24, 24)) + 0.3
-    reference = fid_score.calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
-                                                     np.cov(b, rowvar=False))
-    assert metrics.frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(reference, rel=1e-7)
+def reference_frechet_distances(a, b):
+    """The Frechet distance of two numpy feature sets by pytorch-fid's and clean-fid's scipy formula (sqrtm of S1 S2)
+    and by torchmetrics' (eigenvalues of S1 S2)."""
+    from cleanfid.fid import frechet_distance as clean_fid
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from torchmetrics.image.fid import _compute_fid
+
+    stats = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    return {
+        "pytorch-fid": calculate_frechet_distance(*stats),
+        "clean-fid": clean_fid(*stats),
+        "torchmetrics": _compute_fid(*(torch.from_numpy(x) for x in stats)).item(),
+    }
+
+
+# (n_a, n_b, feature size): full rank, and fewer samples than features (singular covariances, where the clamp of
+# the eigenvalues rounding leaves below 0 keeps the square root real).
+@pytest.mark.parametrize("n_a, n_b, dim", [(300, 250, 24), (40, 30, 128), (20, 15, 64), (6, 8, 512)])
+def test_frechet_distance_matches_pytorch_fid_clean_fid_and_torchmetrics(n_a, n_b, dim):
+    rng = np.random.default_rng(dim)
+    a = rng.normal(size=(n_a, dim)) @ rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    b = rng.normal(size=(n_b, dim)) @ rng.normal(size=(dim, dim)) / np.sqrt(dim) + 0.3
+    ours = metrics.frechet_distance(torch.from_numpy(a), torch.from_numpy(b))
+    for name, reference in reference_frechet_distances(a, b).items():
+        assert ours == pytest.approx(reference, rel=1e-6), name
 
 
 def test_a_known_square_root_gives_the_same_distance():

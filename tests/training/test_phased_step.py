@@ -4,12 +4,12 @@ without gradient checkpointing (the disc's recompute runs under the disc's adapt
 import pytest
 import torch
 
-from benchmarks.memory import count_flops
 from scott_core.schedule import alpha_sigma, append_dims, skip_timestep
 from scott_core.solvers import solve
 from training.data.images import make_loader
 from training.encode import encode_images, encode_text
 from training.loop import build, step_generator, train_step
+from training.memory import count_flops
 from training.models.adapters import DISC, STUDENT, TARGET, adapter_params, enable_checkpointing, using
 from training.step import draw, hinge_d_loss, pseudo_huber, scott_backward
 

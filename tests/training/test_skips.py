@@ -40,7 +40,7 @@ def test_skipped_txt_names_every_input_left_out_with_its_reason(tiny_teacher, im
     start = "5 image + caption pairs train; 3 inputs skipped (1 no caption, 2 unreadable)" if cache else (
         "6 image + caption pairs train; 2 inputs skipped (1 no caption, 1 unreadable)"
     )
-    assert f"{start}, listed in {listed}; fresh run" in caplog.text
+    assert f"{start}, listed in {listed}; keep-best: off; fresh run" in caplog.text
     assert "3 steps in" in caplog.text and f"; 3 inputs skipped, listed in {listed};" in caplog.text
     assert listed.read_text().splitlines() == [
         "# every input this run does not train on: file<TAB>reason",

@@ -1,27 +1,21 @@
-"""Validation prompts with kohya-style per-line options (--n --s --l --d --w --h --g) and keep-best: the held-out
-consistency loss at every validation, the best LoRA exported as <name>_best.safetensors, kept across a resume."""
+"""Validation prompts with kohya-style per-line options (--n --s --l --d --w --h --g) and the validation grids
+(keep-best: test_keep_best.py)."""
 
-import importlib.util
-import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 import training.loop
 from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import alphas_cumprod, lcm_timesteps
 from training.distill import main
 from training.errors import UserError
-from training.loop import build, data_batches, heldout_batch, take_micro_batches, train, train_step
 from training.validation import (
     PromptLine,
     guided_sample,
-    heldout_loss,
     parse_prompt_line,
     read_prompts,
     validation_grid,
@@ -171,77 +165,3 @@ def test_cfg_and_negative_prompt_change_the_row_only_above_cfg_1(tiny_parts, tmp
     guided = grid_of(tiny_parts, [PromptLine("a cat", negative="a dog", cfg=4.0)], [2], tmp_path / "c.png", seed=3)
     assert np.array_equal(plain, unused)
     assert np.abs(plain.astype(int) - guided.astype(int)).max() > 0
-
-
-# --- keep-best ---
-
-
-def test_heldout_loss_is_fixed_for_a_fixed_lora_and_moves_with_training(tiny_teacher, tiny_data, tmp_path, tiny_config):
-    run = build(tiny_config(tiny_teacher, tiny_data, tmp_path / "o", validate_every=1, lr=1e-2))  # scott: SDE teacher
-    model = run.accelerator.unwrap_model(run.model)
-    held = heldout_batch(run)
-    first = heldout_loss(model, held, run.uncond)
-    assert first == heldout_loss(model, held, run.uncond) == heldout_loss(model, heldout_batch(run), run.uncond)
-    assert first > 0 and model.training  # train mode restored
-    micro, _ = take_micro_batches(data_batches(run, 0), 1)
-    train_step(run, micro, 0)
-    assert heldout_loss(model, held, run.uncond) != first
-
-
-def fake_losses(monkeypatch, values):
-    """Replace the held-out loss by a known sequence (one value per validation, all used)."""
-    values = list(values)
-    monkeypatch.setattr(training.loop, "heldout_loss", lambda model, held, uncond: values.pop(0))
-
-
-def lora(path):
-    with safe_open(str(path), framework="pt") as f:
-        return load_file(str(path)), f.metadata()
-
-
-def tensorboard_scalars(folder, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted(folder.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return values
-
-
-def test_the_best_lora_is_the_one_at_the_lowest_heldout_loss(
-    tiny_teacher, tiny_data, tmp_path, tiny_config, monkeypatch
-):
-    fake_losses(monkeypatch, [0.5, 0.2, 0.3])
-    out = tmp_path / "run"
-    cfg = tiny_config(tiny_teacher, tiny_data, out, mode="lcm", max_steps=3, validate_every=1, lr=1e-2)
-    train(cfg)
-    monkeypatch.undo()
-    # The same run stopped at step 2, without validation: its final LoRA is the step-2 LoRA of the first run.
-    train(tiny_config(tiny_teacher, tiny_data, tmp_path / "two", mode="lcm", max_steps=2, validate_every=0, lr=1e-2))
-    best, meta = lora(out / f"{cfg.name}_best.safetensors")
-    step2, _ = lora(tmp_path / "two" / f"{cfg.name}.safetensors")
-    final, final_meta = lora(out / f"{cfg.name}.safetensors")
-    assert best.keys() == step2.keys() and all(torch.equal(best[k], step2[k]) for k in best)
-    assert any(not torch.equal(best[k], final[k]) for k in best)  # step 3 differs: the choice mattered
-    assert meta["scott.step"] == "2" and final_meta["scott.step"] == "3"
-    assert json.loads((out / "best.json").read_text()) == {"step": 2, "cd_loss": 0.2}
-    if importlib.util.find_spec("tensorboard"):
-        assert tensorboard_scalars(out / "logs", "val/cd_loss") == pytest.approx({1: 0.5, 2: 0.2, 3: 0.3})
-
-
-def test_a_resumed_run_keeps_the_best_so_far(tiny_teacher, tiny_data, tmp_path, tiny_config, monkeypatch):
-    out = tmp_path / "run"
-    flags = dict(mode="lcm", validate_every=1, checkpoint_every=1, keep_checkpoints=5)
-    fake_losses(monkeypatch, [0.2, 0.5])
-    cfg = tiny_config(tiny_teacher, tiny_data, out, max_steps=2, **flags)
-    train(cfg)
-    best_file = out / f"{cfg.name}_best.safetensors"
-    before = best_file.read_bytes()
-    fake_losses(monkeypatch, [0.3])
-    train(tiny_config(tiny_teacher, tiny_data, out, max_steps=3, resume="latest", **flags))
-    assert best_file.read_bytes() == before  # 0.3 at step 3 does not beat 0.2 from step 1 of the first part
-    assert json.loads((out / "best.json").read_text()) == {"step": 1, "cd_loss": 0.2}
-    assert lora(best_file)[1]["scott.step"] == "1"

@@ -165,7 +165,7 @@ class PairDataset(torch.utils.data.Dataset):
     (BucketRules) each image in its kohya bucket (buckets.py), where rules without upscaling skip an image smaller
     than its bucket. `skips` names every input left out, with its reason."""
 
-    def __init__(self, data, resolution, buckets=None):
+    def __init__(self, data, resolution, buckets=None, withhold=None):
         source = parse_source(data)
         source.check()
         if isinstance(source, ImageFolder):
@@ -174,6 +174,8 @@ class PairDataset(torch.utils.data.Dataset):
             pairs, skips = tar_pairs(source.paths)
         else:
             raise DataError(f"data {data} is not images: the loop renders or draws it into a folder first")
+        # keep-best's share, taken from the listed pairs before any bucketing: training never sees these
+        pairs, self.withheld = withhold(pairs) if withhold else (pairs, [])
         self.resolution, self.rules, self.bucketed = resolution, buckets, buckets is not None
         self.pairs, self.targets, self.skips = [], [], skips
         for pair in pairs:
@@ -239,21 +241,33 @@ class PairDataset(torch.utils.data.Dataset):
         return io.BytesIO(self._bytes(pair)) if pair.source.startswith("tar:") else open(pair.image_ref, "rb")
 
     def _bytes(self, pair):
-        if pair.source.startswith("tar:"):
-            offset, size = pair.image_ref
-            with open(pair.source[4:], "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        return Path(pair.image_ref).read_bytes()
+        return pair_bytes(pair)
 
     def __getitem__(self, index):
         pair = self.pairs[index]
-        try:
-            image = Image.open(io.BytesIO(self._bytes(pair)))
-            image = image.convert("RGB")
-        except Exception as error:  # noqa: BLE001 - read_failure sorts it: missing, I/O error (stops), not an image
-            return read_failure(pair.file, error)
-        return resize_center_crop(image, *self.targets[index]), pair.caption
+        pixels = load_pixels(pair, *self.targets[index], read=self._bytes)
+        return pixels if isinstance(pixels, Skip) else (pixels, pair.caption)
+
+
+def pair_bytes(pair):
+    """The raw bytes of a pair's image (a file, or a member of a .tar)."""
+    if pair.source.startswith("tar:"):
+        offset, size = pair.image_ref
+        with open(pair.source[4:], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    return Path(pair.image_ref).read_bytes()
+
+
+def load_pixels(pair, width, height, read=pair_bytes):
+    """A pair's image (its bytes from read(pair)) resized and center-cropped to width x height ([3, H, W] in
+    [-1, 1]), or the Skip of one that fails to read (read_failure: missing, an I/O error, not an image)."""
+    try:
+        image = Image.open(io.BytesIO(read(pair)))
+        image = image.convert("RGB")
+    except Exception as error:  # noqa: BLE001 - read_failure sorts it: missing, I/O error (stops), not an image
+        return read_failure(pair.file, error)
+    return resize_center_crop(image, width, height)
 
 
 def resize_center_crop(image, width, height=None):

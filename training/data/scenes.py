@@ -194,11 +194,21 @@ def render(scene, rng):
     return image.resize((SIZE, SIZE), Image.Resampling.BOX)
 
 
+def _rng(index, seed):
+    return random.Random(seed * 1_000_003 + index)
+
+
 def sample(index, seed=0):
     """Scene and image number `index` of the world with `seed`: a pure function of (seed, index)."""
-    rng = random.Random(seed * 1_000_003 + index)
+    rng = _rng(index, seed)
     scene = random_scene(rng)
     return scene, render(scene, rng)
+
+
+def caption_at(index, seed=0, world="shapes"):
+    """Image `index`'s caption in `world` with `seed`, without rendering the image (sample's scene, caption_of's
+    words)."""
+    return caption_of(random_scene(_rng(index, seed)), index, seed, world)
 
 
 def check_world(world):

@@ -38,14 +38,19 @@ DETAILS = [
 ]
 
 
-def builtin_prompts(count=2400, seed=0):
-    """`count` distinct prompts '<style> of <subject> <setting>, <detail>', shuffled deterministically."""
+BUILTIN_COUNT = 2400  # the data-free prompt list; the shuffled prompts after it are keep-best's, never drawn
+
+
+def builtin_prompts(count=BUILTIN_COUNT, seed=0, start=0):
+    """`count` distinct prompts '<style> of <subject> <setting>, <detail>' from position `start` of one deterministic
+    shuffle (so the prompts after the first BUILTIN_COUNT are none of the list's)."""
     combos = list(itertools.product(STYLES, SUBJECTS, SETTINGS))
     rng = random.Random(seed)
     rng.shuffle(combos)
-    if count > len(combos):
-        raise ValueError(f"the built-in list has at most {len(combos)} prompts; asked for {count}")
-    return [f"{style} of {subject} {setting}, {rng.choice(DETAILS)}" for style, subject, setting in combos[:count]]
+    if start + count > len(combos):
+        raise ValueError(f"the built-in list has at most {len(combos)} prompts; asked for {start + count}")
+    prompts = [f"{style} of {subject} {setting}, {rng.choice(DETAILS)}" for style, subject, setting in combos]
+    return prompts[start : start + count]
 
 
 def read_prompt_file(path):

@@ -149,18 +149,25 @@ def per_image_noise(seeds, shape, device):
     return draw(), draw
 
 
+@torch.no_grad()
+def consistency_latents(unet, cond, uncond, seeds, steps, gamma, cfg, shape):
+    """Clean latents from scott_core's SCott sampler on the UNet as it is (LoRA-patched or its adapter active) in
+    `steps` LCM-grid steps: sample i from seeds[i]'s start noise and re-noise, captions `cond`, guidance `cfg` against
+    `uncond` ([1 or B, 77, D])."""
+    ab = alphas_cumprod()
+    z, noise_sampler = per_image_noise(seeds, shape, cond.device)
+    denoiser = consistency_denoiser(guided_eps(unet, cond, uncond.expand_as(cond), cfg), ab)
+    return sample_scott(denoiser, z, lcm_timesteps(steps), ab, gamma=gamma, noise_sampler=noise_sampler)
+
+
 def consistency_generator(teacher, steps, gamma, cfg, resolution, device):
     """generate(prompts, seeds) -> PIL images from scott_core's SCott sampler on the (LoRA-patched) teacher UNet."""
-    ab, timesteps = alphas_cumprod(), lcm_timesteps(steps)
     shape = latent_shape(teacher, resolution)
 
     def generate(prompts, seeds):
         cond = encode(teacher, prompts, device)
-        uncond = encode(teacher, [""], device).expand_as(cond)
-        z, noise_sampler = per_image_noise(seeds, shape, device)
-        denoiser = consistency_denoiser(guided_eps(teacher.unet, cond, uncond, cfg), ab)
-        with torch.no_grad():
-            x0 = sample_scott(denoiser, z, timesteps, ab, gamma=gamma, noise_sampler=noise_sampler)
+        uncond = encode(teacher, [""], device)
+        x0 = consistency_latents(teacher.unet, cond, uncond, seeds, steps, gamma, cfg, shape)
         return [Image.fromarray(image.numpy()) for image in decode(teacher.vae, x0)]
 
     return generate

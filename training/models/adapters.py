@@ -2,9 +2,12 @@
 (and the bare teacher), freezing one, and gradient checkpointing that recomputes a block under the adapter it ran."""
 
 import contextlib
+import json
 import warnings
 
 import torch
+
+from scott_core import lora_format
 
 # LCM-LoRA's adapted layers (diffusers' train_lcm_distill_lora_sd*.py).
 STUDENT_TARGETS = [
@@ -64,6 +67,23 @@ def add_adapters(unet, rank, alpha, disc_rank=None, disc_features="up"):
     copy_adapter(unet, STUDENT, TARGET)
     unet.set_adapter(STUDENT)
     _restore_trainable(unet)
+
+
+def load_student(unet, path):
+    """The student adapter's weights := those of a LoRA file (any format scott_core.lora_format reads, such as
+    export_lora's kohya file): export's inverse. A file of another rank or alpha is a ValueError."""
+    from peft import set_peft_model_state_dict
+
+    state, metadata = lora_format.read_safetensors(path)
+    weights, meta = lora_format.to_diffusers(state, metadata, prefixed=False)
+    found = json.loads(meta[lora_format.DIFFUSERS_METADATA_KEY])
+    config = unet.peft_config[STUDENT]
+    if (found["r"], found["lora_alpha"]) != (config.r, float(config.lora_alpha)):
+        raise ValueError(f"{path}: rank {found['r']}, alpha {found['lora_alpha']}; the student adapter has rank "
+                         f"{config.r}, alpha {config.lora_alpha}")
+    result = set_peft_model_state_dict(unet, weights, adapter_name=STUDENT)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: layers the student adapter lacks, e.g. {result.unexpected_keys[:2]}")
 
 
 def adapter_params(unet, adapter):

@@ -1,5 +1,6 @@
 """The teacher: what a checkpoint is (single file or diffusers folder), refused kinds in one line, offline loading."""
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +158,17 @@ def tokenize(tokenizer, captions):
     return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
+
+
+@contextlib.contextmanager
+def on_device(module, device):
+    """`module` on `device` inside the context, back where it was after (the VAE leaves the GPU once latents are
+    cached; validation decodes on the GPU all the same)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if home != torch.device(device) and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
