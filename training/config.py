@@ -253,6 +253,13 @@ class MethodOptions:
         "weight of the adversarial loss (0 turns it and the discriminator off); default 0.4 (scott), 0 (lcm)",
         range=AT_LEAST_0,
     )
+    adv_decay_steps: int = _opt(
+        0,
+        "the adversarial weight falls linearly from --adv-weight to 0 over the first N optimiser steps; from step N "
+        "on the discriminator neither trains nor runs, so the steps cost what they cost without it (0: constant "
+        "weight)",
+        range=AT_LEAST_0,
+    )
     disc_renoise: bool = _opt(
         False,
         "the discriminator scores real and fake latents re-noised with fresh noise (the same for both) to a fresh "
@@ -281,6 +288,12 @@ class OptimOptions:
         "for the first N optimiser steps only the discriminator trains against the student's estimates; the "
         "student gets no adversarial term (0: off)",
         range=AT_LEAST_0,
+    )
+    disc_every: int = _opt(
+        1,
+        "update the discriminator on every N-th optimiser step only (steps N, 2N, ...); the student gets the "
+        "generator term from it on every step (1: every step)",
+        range=AT_LEAST_1,
     )
     lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up in optimiser steps (0: off)", range=AT_LEAST_0)
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", range=AT_LEAST_0)
@@ -322,6 +335,11 @@ class OutputOptions:
         "also export the LoRA every N optimiser steps as <output>/<name>_step<N>.safetensors (kohya's "
         "--save_every_n_steps; 0: only the final LoRA)",
         range=AT_LEAST_0,
+    )
+    save_steps: str = _opt(
+        None,
+        "also export the LoRA at these optimiser steps, comma-separated (e.g. 100,300,1000), as "
+        "<output>/<name>_step<N>.safetensors, the last step too if listed",
     )
     resume: str = _opt(
         None, "resume from a checkpoint folder, or 'latest' for the newest in <output>/checkpoints"
@@ -421,6 +439,7 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
             raise UserError(f"need 0 <= --w-min <= --w-max, got {self.w_min} and {self.w_max}")
         self.check_solver_knobs(self.solver)
         self.validation_step_counts()
+        self.save_step_set()
         self.source  # noqa: B018 - parse --data now: a malformed world:N stops the run before anything loads
         self.check_bucket_resolution()
         self.check_keep_best_reference()
@@ -461,16 +480,22 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
 
     def validation_step_counts(self):
         """'1,2,4' -> [1, 2, 4]."""
-        try:
-            counts = [int(part) for part in self.validation_steps.split(",") if part.strip()]
-        except ValueError:
-            counts = []
-        if not counts or min(counts) < 1:
-            raise UserError(
-                f"--validation-steps must be comma-separated integers >= 1, got {self.validation_steps!r}"
-            )
-        return counts
+        return step_list(self.validation_steps, "--validation-steps")
 
+    def save_step_set(self):
+        """--save-steps '100,300' -> {100, 300}; empty when unset."""
+        return set() if self.save_steps is None else set(step_list(self.save_steps, "--save-steps"))
+
+
+def step_list(text, flag):
+    """'1,2,4' -> [1, 2, 4]; a UserError naming `flag` unless comma-separated integers >= 1."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"{flag} must be comma-separated integers >= 1, got {text!r}")
+    return counts
 
 
 def resolved_split(values):

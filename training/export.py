@@ -28,8 +28,9 @@ def to_kohya(peft_sd, alpha, family):
 
 
 def metadata(cfg, family, teacher_name, teacher_sha256, step=None, extra=None):
-    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob), how to sample,
-    (given) the optimiser step it was taken at, and `extra` {key: value} (keep-best's score and its name)."""
+    """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob, the adversarial
+    schedule), how to sample, (given) the optimiser step it was taken at, and `extra` {key: value} (keep-best's score
+    and its name)."""
     values = {
         "scott.format": "1",
         "scott.base_model": teacher_name,
@@ -40,6 +41,7 @@ def metadata(cfg, family, teacher_name, teacher_sha256, step=None, extra=None):
         **{f"scott.{knob}": getattr(cfg, knob) for knob in SOLVERS[cfg.solver].knobs},  # only the knob it used
         "scott.sub_steps": cfg.sub_steps,
         "scott.adv_weight": cfg.adv_weight,
+        **adversarial_schedule(cfg),
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.lora_alpha,
@@ -55,6 +57,14 @@ def metadata(cfg, family, teacher_name, teacher_sha256, step=None, extra=None):
         **values,
         **lora_format.sampling_metadata(cfg.recommended_steps, cfg.recommended_gamma, cfg.recommended_cfg),
     }
+
+
+def adversarial_schedule(cfg):
+    """The adversarial term's schedule as metadata (adversarial runs only): its linear decay and how often the
+    discriminator updated."""
+    if not cfg.adv_weight:
+        return {}
+    return {"scott.adv_decay_steps": cfg.adv_decay_steps, "scott.disc_every": cfg.disc_every}
 
 
 def export_lora(unet, cfg, family, teacher_name, teacher_sha256, path, step=None, extra=None):

@@ -30,7 +30,7 @@ from .models.adapters import DISC, STUDENT, add_adapters, ema_update, enable_che
 from .models.discriminator import DiscriminatorHead, feature_channels
 from .models.teacher import Teacher, check_teacher_path, load_teacher, on_device
 from .runfile import RUN_FILE, write_run_file
-from .step import SCottStep, draw, scott_backward
+from .step import SCottStep, draw, scott_backward, step_plan
 from .validation import read_prompts, validation_grid
 
 if TYPE_CHECKING:
@@ -199,8 +199,7 @@ def train_step(run, batches, step):
         with accelerator.accumulate(run.model):
             z0, cond = batch_latents(run, batch, generator)
             draws = draw(z0, run.grid, cfg, generator)
-            warmup = step < cfg.disc_head_warmup
-            losses = scott_backward(run.model, z0, cond, run.uncond, draws, accelerator.backward, warmup)
+            losses = scott_backward(run.model, z0, cond, run.uncond, draws, accelerator.backward, step_plan(cfg, step))
             finite = torch.tensor([float(torch.isfinite(losses["loss"]).item())], device=accelerator.device)
             if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
                 raise TrainingDiverged(f"loss is {losses['loss'].item()} at step {step + 1}: stopped")
@@ -327,6 +326,13 @@ def step_lora_path(cfg, step):
     return Path(cfg.output) / f"{cfg.name}_step{step:07d}.safetensors"
 
 
+def saves_at(cfg, step):
+    """Whether optimiser step `step` (from 1) exports <name>_step<N>: a --save-steps step, or a multiple of
+    --save-every short of the final step (the final LoRA is that step's)."""
+    every = cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps
+    return bool(every) or step in cfg.save_step_set()
+
+
 @dataclass
 class Whereabouts:
     """Where a run is, for its out-of-memory line: what it was doing, and its last finished checkpoint."""
@@ -401,7 +407,7 @@ def train_run(cfg, where):
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items()))
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 where.checkpoint = checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and main:
+            if saves_at(cfg, step) and main:
                 export(run, step_lora_path(cfg, step), step)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 where.doing = f"while validating at step {step}"

@@ -47,6 +47,47 @@ class Estimate:
     disc_noise: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimiser step runs of the adversarial part: the generator term's weight (0: none) and whether the
+    discriminator updates. The student's clean estimate is needed when either is on."""
+
+    adv_weight: float
+    disc_update: bool
+
+    @property
+    def needs_fake(self):
+        return self.adv_weight > 0 or self.disc_update
+
+    @property
+    def load(self):
+        """(disc updates, generator term on): how much of the adversarial part it runs, comparable with max."""
+        return self.disc_update, self.adv_weight > 0
+
+
+def adv_weight_at(cfg, step):
+    """The generator term's weight at optimiser step `step` (from 0): 0 during --disc-head-warmup, else
+    --adv-weight, falling linearly to 0 over the first --adv-decay-steps steps when that is set."""
+    if step < cfg.disc_head_warmup:
+        return 0.0
+    if cfg.adv_decay_steps:
+        return cfg.adv_weight * max(0.0, 1.0 - step / cfg.adv_decay_steps)
+    return cfg.adv_weight
+
+
+def step_plan(cfg, step):
+    """The StepPlan of optimiser step `step` (from 0): nothing adversarial without --adv-weight or after
+    --adv-decay-steps; the discriminator updates on the --disc-every-th steps (steps k, 2k, ... counted from 1)."""
+    on = cfg.adv_weight > 0 and not (cfg.adv_decay_steps and step >= cfg.adv_decay_steps)
+    return StepPlan(adv_weight_at(cfg, step) if on else 0.0, on and (step + 1) % cfg.disc_every == 0)
+
+
+def peak_step(cfg):
+    """The first optimiser step (from 0) whose StepPlan runs the most of the adversarial part, the disc update first,
+    then the generator term: the step whose memory is the run's peak (0 without an adversary)."""
+    return max(range(cfg.disc_head_warmup + cfg.disc_every), key=lambda s: step_plan(cfg, s).load)
+
+
 DISC_SALT = 0x5C077D15C  # the disc's generator seed: the step generator's seed xor this
 
 
@@ -123,8 +164,9 @@ class SCottStep(nn.Module):
         return add_noise(x, est.disc_noise, est.disc_t, self.alphas_cumprod.cpu()), est.disc_t
 
     @torch.no_grad()
-    def estimate(self, z0, cond, uncond, draws):
-        """(a) z_n, the teacher's solve to t_m, the target f(z_m, t_m) and the student's f(z_n, t_n)."""
+    def estimate(self, z0, cond, uncond, draws, fake=True):
+        """(a) z_n, the teacher's solve to t_m, the target f(z_m, t_m) and (if `fake` and adversarial) the student's
+        f(z_n, t_n)."""
         cfg, ab = self.cfg, self.alphas_cumprod.cpu()
         uncond = uncond.like(cond)
         cond = cond.where(draws.drop, uncond)
@@ -145,11 +187,11 @@ class SCottStep(nn.Module):
             )
         with using(self.unet, TARGET):
             f_target = self.consistency(z_m, t_m, cond)
-        fake = None
-        if self.adversarial:
+        f_student = None
+        if self.adversarial and fake:
             with using(self.unet, STUDENT):
-                fake = self.consistency(z_n, t_n, cond)
-        return Estimate(z0, z_n, t_n, cond, f_target, fake, draws.disc_t, draws.disc_noise)
+                f_student = self.consistency(z_n, t_n, cond)
+        return Estimate(z0, z_n, t_n, cond, f_target, f_student, draws.disc_t, draws.disc_noise)
 
     def discriminator_loss(self, est):
         """(b) The hinge loss on D(real) vs D(detached fake), whose gradient reaches only the disc; and the margin
@@ -176,11 +218,12 @@ class SCottStep(nn.Module):
     def student_loss(self, est, adv_weight=None):
         """(c) cd + adv_weight * adv_g as the student sees it: the generator term enters as <grad, f_student>,
         whose gradient is the generator term's through the student's output. adv_weight: the config's unless given
-        (0 during --disc-head-warmup: no generator term). Returns (objective, logged losses), the logged ones with
-        adv_cd_grad_ratio = ||adv_weight * d adv_g / df|| / ||d cd / df|| at the student's output f."""
+        (the step's plan: 0 during --disc-head-warmup or after --adv-decay-steps, no generator term). Returns
+        (objective, logged losses), the logged ones with adv_cd_grad_ratio = ||adv_weight * d adv_g / df|| /
+        ||d cd / df|| at the student's output f."""
         weight = self.cfg.adv_weight if adv_weight is None else adv_weight
         losses = {}
-        if self.adversarial and weight > 0:
+        if self.adversarial and weight > 0 and est.fake is not None:
             losses["adv_g"], grad = self.generator_grad(est)
         losses["cd"], f_student = self.consistency_loss(est)
         objective = losses["cd"]
@@ -191,24 +234,26 @@ class SCottStep(nn.Module):
         return objective, losses
 
 
-def scott_backward(model, z0, cond, uncond, draws, backward=torch.Tensor.backward, warmup=False):
+def scott_backward(model, z0, cond, uncond, draws, backward=torch.Tensor.backward, plan=None):
     """The phased iteration the loop runs: (a) estimate, (b) disc backward, (c) student backward; `model` is the
-    SCottStep or its DDP wrapper, `backward` the accelerator's; warmup: a --disc-head-warmup step (the disc trains,
-    the student sees no generator term). Returns the losses (detached): 'loss' is cd + adv_weight * adv_g + disc;
-    with the disc also 'disc_margin' and (outside warm-up) 'adv_cd_grad_ratio', which 'loss' leaves out."""
+    SCottStep or its DDP wrapper, `backward` the accelerator's; plan: the step's StepPlan (default: the full step,
+    the config's weight with the disc updating), which says whether (b) runs and the generator term's weight in
+    (c). Returns the losses (detached): 'loss' is cd + weight * adv_g (+ disc when it updates); with the disc update
+    also 'disc' and 'disc_margin', with the generator term 'adv_cd_grad_ratio', which 'loss' leaves out."""
+    cfg = model_cfg(model)
+    plan = plan or StepPlan(cfg.adv_weight, cfg.adv_weight > 0)
     with torch.no_grad():
-        est = model("estimate", z0, cond, uncond, draws)
+        est = model("estimate", z0, cond, uncond, draws, plan.needs_fake)
     losses = {}
-    if est.fake is not None:
+    if est.fake is not None and plan.disc_update:
         disc, margin = model("discriminator_loss", est)
         backward(disc)
         losses["disc"], losses["disc_margin"] = disc.detach(), margin
         del disc  # the disc's graph is freed before the student's is built
-    weight = 0.0 if warmup else model_cfg(model).adv_weight
-    objective, logged = model("student_loss", est, weight)
+    objective, logged = model("student_loss", est, plan.adv_weight)
     backward(objective)
     losses.update({k: v.detach() for k, v in logged.items()})
-    losses["loss"] = losses["cd"] + weight * losses.get("adv_g", 0.0) + losses.get("disc", 0.0)
+    losses["loss"] = losses["cd"] + plan.adv_weight * losses.get("adv_g", 0.0) + losses.get("disc", 0.0)
     return losses
 
 

@@ -48,6 +48,7 @@ SETTINGS = {  # tiny model, 32 px, batch 2, bf16
     "cached": dict(),
     "uncached": dict(cache_latents=False),
     "checkpointing": dict(gradient_checkpointing=True),
+    "schedule": dict(disc_head_warmup=1, disc_every=2),  # step 0: no generator term, no disc update
 }
 
 
@@ -114,6 +115,14 @@ def test_the_sdxl_estimate_equals_the_loops_step_on_real_tensors(cache, tiny_xl_
     AcceleratorState._reset_state(reset_partial_state=True)
     assert_estimate_is_the_real_step(found, cfg)
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_estimate_runs_the_heaviest_step_of_the_adversarial_schedule(estimates):
+    """The first step of a run with a disc head warm-up and the disc every 2nd step runs neither the generator term
+    nor the disc update; the estimate runs step 1, which runs both, as every step of the default schedule does."""
+    scheduled, full = estimates["schedule"], estimates["cached"]
+    assert (scheduled.peak_bytes, scheduled.phase_bytes, scheduled.phase_flops) == (
+        full.peak_bytes, full.phase_bytes, full.phase_flops)
 
 
 def test_the_estimate_sees_checkpointing_and_the_cache(tiny_teacher, estimates):

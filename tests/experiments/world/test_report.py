@@ -38,11 +38,11 @@ def test_summary_rows_are_mean_and_sample_std_and_diffs_pair_with_lcm_and_scott(
 
 
 def test_arm_and_world_selection():
-    assert report.distill_argv("diverse", "ode_h3", 3, "f", 300, 4000) == [
+    assert report.distill_argv("diverse", "ode_h3", 3, "f", [300, 100], 4000) == [
         "--teacher", "demo", "--output", "f", "--name", "ode_h3", "--seed", "3", "--data", "diverse:4000",
-        "--max-steps", "300", "--validate-every", "0", "--checkpoint-every", "0",
-        "--mode", "scott", "--solver", "ode", "--adv-weight", "0"]
-    assert "world:4000" in report.distill_argv("shapes", "lcm", 0, "f", 300, 4000)
+        "--max-steps", "300", "--save-steps", "100,300", "--validate-every", "0", "--checkpoint-every", "200",
+        "--keep-checkpoints", "1", "--resume", "latest", "--mode", "scott", "--solver", "ode", "--adv-weight", "0"]
+    assert "world:4000" in report.distill_argv("shapes", "lcm", 0, "f", [300], 4000)
     configs = {arm: vars(parse_config(["--teacher", "demo", *argv])) for arm, argv in report.ARMS.items()}
     changed = {arm: {k for k, v in cfg.items() if v != configs["scott"][k]} for arm, cfg in configs.items()}
     assert changed == {  # against --mode scott's defaults; the no-adversary arms drop adv_weight too
@@ -50,7 +50,9 @@ def test_arm_and_world_selection():
         "scott_no_adv": {"adv_weight"}, "ode_h3": {"solver", "adv_weight"},
         "ns01": {"solver", "noise_strength", "adv_weight"}, "ns03": {"solver", "noise_strength", "adv_weight"},
         "grid20": {"grid_spacing"}, "adv_lr": {"disc_lr"}, "ode_adv": {"solver"}, "adv_frozen": {"disc_lr"},
-        "below500": {"solver", "noise_below", "adv_weight"}}
+        "below500": {"solver", "noise_below", "adv_weight"}, "h1": {"sub_steps"}, "down_mid": {"disc_features"},
+        "lcm_adv": {"mode", "name", "solver", "sub_steps", "span", "grid_spacing"},
+        "scott_lite": {"solver", "sub_steps", "adv_decay_steps"}}
     with pytest.raises(ValueError, match="unknown arm.*bogus: choose from lcm, scott"):
         report.run_grid("o", "d", ["lcm", "bogus"])
     with pytest.raises(ValueError, match="world must be one of shapes, diverse"):
@@ -70,12 +72,13 @@ def fake_grid(monkeypatch):
     """The grid with training, sampling and scoring replaced by fakes that count their calls."""
     calls = {"distill": 0, "score": 0}
 
-    def distill(lora, argv):  # as report.distill: trains only a LoRA that is not there
-        if not lora.is_file():
+    def distill(loras, argv):  # as report.distill: trains only when a LoRA is not there, and saves all of them
+        if not all(lora.is_file() for lora in loras):
             calls["distill"] += 1
-            lora.parent.mkdir(parents=True, exist_ok=True)
-            lora.write_bytes(b"lora")
-        return lora
+            for lora in loras:
+                lora.parent.mkdir(parents=True, exist_ok=True)
+                lora.write_bytes(b"lora")
+        return loras
 
     def scorer(folder, real, model=None):
         calls["score"] += 1
@@ -125,9 +128,9 @@ def test_a_rerun_trains_and_scores_nothing_and_writes_the_same_json(tmp_path, fa
 
 def test_another_teacher_gets_its_own_loras_scores_and_results(tmp_path, fake_grid, monkeypatch):
     teacher = str(tmp_path / "teachers" / "diverse_teacher")
-    argv = report.distill_argv("diverse", "scott", 0, "f", 5, 9, teacher)
+    argv = report.distill_argv("diverse", "scott", 0, "f", [5], 9, teacher)
     assert argv[:2] == ["--teacher", teacher]
-    demo = vars(parse_config(report.distill_argv("diverse", "scott", 0, "f", 5, 9)))
+    demo = vars(parse_config(report.distill_argv("diverse", "scott", 0, "f", [5], 9)))
     other = vars(parse_config(argv))  # the same sizes as --teacher demo's defaults: every world's LoRAs train alike
     assert {k for k in demo if demo[k] != other[k]} == {"teacher", "validation_prompts"}
     argvs = []
@@ -141,7 +144,7 @@ def test_another_teacher_gets_its_own_loras_scores_and_results(tmp_path, fake_gr
     assert (tmp_path / "docs" / "world" / "diverse_diverse_teacher_lcm_1step.png").is_file()
     assert report.import_results(tmp_path / "docs" / "world_diverse_diverse_teacher_results.json",
                                  tmp_path / "again") == 4
-    assert report.score_path(tmp_path / "again", "diverse", "teacher", 0, 25, 5, 9, 6, teacher).is_file()
+    assert report.score_path(tmp_path / "again", "diverse", "teacher", 0, 25, 0, 9, 6, teacher).is_file()  # refs: 0
 
 
 def test_no_train_scores_only_existing_loras_and_lists_the_rest(tmp_path, fake_grid):
@@ -165,15 +168,15 @@ def test_old_results_import_into_the_cache(tmp_path, fake_grid):
         "real images (another draw: the floor)": {m: [0.5, 0.6] for m in report.METRICS}}}
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert report.import_results(tmp_path / "old.json", tmp_path / "out", train_images=9) == 6
-    grid = report.Grid(tmp_path / "out", tmp_path / "docs", "shapes", 5, 9, 6)
-    raw = grid.raw(["lcm", "teacher", "real"], [0, 1])
+    grid = report.Grid(tmp_path / "out", tmp_path / "docs", "shapes", 9, 6)
+    raw = grid.raw(["lcm", "teacher", "real"], [0, 1], 5)
     assert raw["lcm"]["1"]["fd"] == {"0": 1.0, "1": 2.0} and raw["teacher"]["25"]["coverage"] == {"0": 3.0, "1": 4.0}
     assert raw["real"]["0"]["fd"] == {"0": 0.5, "1": 0.6}
     new = report.run_grid(tmp_path / "out", tmp_path / "docs", ["lcm", "teacher", "real"], seeds=[0, 1], max_steps=5,
                           n_eval=6, train_images=9, train=False, score=False)
     assert report.import_results(tmp_path / "docs" / "world_results.json", tmp_path / "again") == 6  # the new format
-    assert report.Grid(tmp_path / "again", tmp_path / "d2", "shapes", 5, 9, 6).raw(["lcm", "teacher", "real"],
-                                                                                 [0, 1]) == new["raw"]
+    assert report.Grid(tmp_path / "again", tmp_path / "d2", "shapes", 9, 6).raw(["lcm", "teacher", "real"],
+                                                                              [0, 1], 5) == new["raw"]
 
 
 @pytest.mark.skipif(not (DEMO_TEACHER / "model_index.json").is_file(), reason="the demo teacher is not shipped here")
