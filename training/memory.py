@@ -1,16 +1,16 @@
 """The GPU memory a run needs, estimated without weights or a GPU, and the one-line message when a GPU runs out of it.
 
-`estimate(cfg)` runs the loop's own code on fake tensors: the teacher's UNet, VAE and text encoder are built from its
-configs on the meta device and made fake (FakeTensorMode); loop.make_accelerator(estimate=True) and loop.build_model add
-the LoRAs, the discriminator's head, the SCottStep, AdamW's two parameter groups and accelerate's wrapper; then
-loop.train_step runs twice as the run's heaviest step (step.peak_step) on a micro-batch of the largest bucket as the
-loader serves it (the second step with AdamW's state), gradient clipping and the EMA update included. LiveBytes counts
-the bytes of live storages, each rounded up to 512 B as the CUDA caching allocator rounds, and the FLOPs by
-torch.utils.flop_counter's formulas. CPU autocast stands in for CUDA autocast, with group_norm / layer_norm in fp32 as
-CUDA autocast runs them; the base weights take the dtype a CUDA run gives them. Not seen: the CUDA context (~0.3-0.5
-GiB), cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU shows somewhat more; nor the gradient buckets DDP
-adds under several processes (about the trainable LoRAs' gradients once more). fp16 is estimated as bf16 (the same
-sizes). docs/memory.md has the figures.
+`estimate(cfg)` runs the loop's own code on fake tensors: the teacher's UNet, VAE and its family's text encoders are
+built from its configs (a single file's: its family's shipped ones) on the meta device and made fake (FakeTensorMode);
+loop.make_accelerator(estimate=True) and loop.build_model add the LoRAs, the discriminator's head, the SCottStep,
+AdamW's two parameter groups and accelerate's wrapper; then loop.train_step runs twice as the run's heaviest step
+(step.peak_step) on a micro-batch of the largest bucket as the loader serves it (the second step with AdamW's state),
+gradient clipping and the EMA update included. LiveBytes counts the bytes of live storages, each rounded up to 512 B as
+the CUDA caching allocator rounds, and the FLOPs by torch.utils.flop_counter's formulas. CPU autocast stands in for CUDA
+autocast, with group_norm / layer_norm in fp32 as CUDA autocast runs them; the base weights take the dtype a CUDA run
+gives them. Not seen: the CUDA context (~0.3-0.5 GiB), cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU
+shows somewhat more; nor the gradient buckets DDP adds under several processes (about the trainable LoRAs' gradients
+once more). fp16 is estimated as bf16 (the same sizes). docs/memory.md has the figures.
 """
 
 import contextlib
