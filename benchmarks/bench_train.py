@@ -49,8 +49,9 @@ from benchmarks.memory import (  # noqa: E402
 from scott_core.schedule import alphas_cumprod, training_grid  # noqa: E402
 from training.config import DistillConfig  # noqa: E402
 from training.models.adapters import add_adapters, enable_checkpointing  # noqa: E402
+from training.models.conditioning import Conditioning  # noqa: E402
 from training.models.discriminator import DiscriminatorHead, up_block_channels  # noqa: E402
-from training.models.teacher import ASSETS  # noqa: E402
+from training.models.family import SD15  # noqa: E402
 from training.models.unet import guided_eps_fn  # noqa: E402
 from training.step import SCottStep, draw, scott_backward  # noqa: E402
 
@@ -108,8 +109,8 @@ def worker(args):
 
     def step():
         z0 = torch.randn(args.batch_size, 4, latent, latent, generator=generator).to(device)
-        cond = torch.randn(args.batch_size, 77, dim, generator=generator).to(device)
-        uncond = torch.randn(1, 77, dim, generator=generator).to(device)
+        cond = Conditioning(torch.randn(args.batch_size, 77, dim, generator=generator).to(device))
+        uncond = Conditioning(torch.randn(1, 77, dim, generator=generator).to(device))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             scott_backward(model, z0, cond, uncond, draw(z0, grid, cfg, generator))
         optimizer.step()
@@ -150,7 +151,7 @@ def memory_table(args):
     if args.measure and not torch.cuda.is_available():
         sys.exit("error: --measure needs a CUDA GPU; use --estimate-memory on this machine")
     with tempfile.TemporaryDirectory() as folder:
-        teacher = ASSETS if args.model == "sd15" else tiny_config_folder(folder)
+        teacher = SD15.assets if args.model == "sd15" else tiny_config_folder(folder)
         for mode, checkpointing, cache in MEMORY_CONFIGS:
             cfg = run_config(teacher, mode, args.resolution, args.batch_size, args.mixed_precision, checkpointing,
                              cache, args.model)

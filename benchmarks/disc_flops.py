@@ -9,8 +9,8 @@ from accelerate.state import AcceleratorState
 
 from benchmarks.memory import run_config, tiny_config_folder
 from training.loop import make_accelerator
-from training.memory import count_flops, random_teacher, step_run
-from training.models.teacher import ASSETS
+from training.memory import cached_conditioning, count_flops, random_teacher, step_run
+from training.models.family import SD15, square_sizes
 
 
 def disc_flops(features, model, resolution, batch_size):
@@ -19,7 +19,7 @@ def disc_flops(features, model, resolution, batch_size):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with tempfile.TemporaryDirectory() as folder:
-        teacher_folder = ASSETS if model == "sd15" else tiny_config_folder(folder)
+        teacher_folder = SD15.assets if model == "sd15" else tiny_config_folder(folder)
         cfg = run_config(teacher_folder, "scott", resolution, batch_size, "no", False, True, model)
         cfg.disc_features = features
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -30,7 +30,8 @@ def disc_flops(features, model, resolution, batch_size):
     with fake_mode, torch.no_grad():
         x = torch.randn(2 * batch_size, 4, resolution // scale, resolution // scale)
         t = torch.full((2 * batch_size,), 500)
-        cond = torch.randn(2 * batch_size, 77, teacher.text_encoder.config.hidden_size)
+        sizes = square_sizes(resolution, resolution, 2 * batch_size)
+        cond = teacher.family.conditioned(cached_conditioning(teacher, 2 * batch_size).float(), sizes)
         flops = count_flops(lambda: step.discriminate(x, t, cond))
     AcceleratorState._reset_state(reset_partial_state=True)
     return flops

@@ -11,7 +11,7 @@ import torch
 
 from training.config import DistillConfig
 from training.memory import GIB, estimate, random_teacher, run_steps, step_run
-from training.models.teacher import ASSETS
+from training.models.family import SD15
 
 TINY_RANKS = dict(lora_rank=4, disc_lora_rank=4)
 
@@ -40,9 +40,9 @@ def sd15_components():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(ASSETS / "unet")))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(ASSETS / "vae")))
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(ASSETS / "text_encoder")))
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15.assets / "unet")))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15.assets / "vae")))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15.assets / "text_encoder")))
     return unet, vae, text, 768, 8
 
 
@@ -55,8 +55,8 @@ def tiny_config_folder(folder):
     unet.save_config(str(folder / "unet"))
     vae.save_config(str(folder / "vae"))
     text.config.save_pretrained(str(folder / "text_encoder"))
-    shutil.copytree(ASSETS / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
-    shutil.copy(ASSETS / "model_index.json", folder / "model_index.json")
+    shutil.copytree(SD15.assets / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
+    shutil.copy(SD15.assets / "model_index.json", folder / "model_index.json")
     return folder
 
 
@@ -97,8 +97,8 @@ def measure_line(cfg):
     accelerator = make_accelerator(cfg)
     run = step_run(cfg, accelerator, random_teacher(cfg, accelerator.device))
     if cfg.cache_latents:  # as the loop moves them after caching
-        run.teacher.vae.to("cpu")
-        run.teacher.text_encoder.to("cpu")
+        for module in (run.teacher.vae, *run.teacher.text_encoders):
+            module.to("cpu")
     run_steps(run, LiveBytes(), steps=1)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -4,9 +4,10 @@ concern, over a --config run file, over the demo's defaults for `--teacher demo`
 import argparse
 import dataclasses
 
+from scott_core.families import FAMILIES
 from scott_core.solvers import KNOBS, SOLVERS, knob_owners
 
-from .config import DEMO_DEFAULTS, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, flag_name
+from .config import DEMO_NAMES, GROUPS, MODE_DEFAULTS, MODES, DistillConfig, demo_defaults, flag_name
 from .data.buckets import BUCKET_DEFAULTS
 from .data.sources import METAVAR as DATA_METAVAR
 from .runfile import field_types, read_run_file
@@ -30,18 +31,24 @@ def _default_text(f):
     if f.name in KNOBS:
         owners = knob_owners(f.name)
         return f" (default: {SOLVERS[owners[0]].knobs[f.name]:g} with --solver {' / '.join(owners)}; unset otherwise)"
-    if f.name in BUCKET_DEFAULTS:
-        return f" (default: {BUCKET_DEFAULTS[f.name]}, kohya's)"
+    if f.name in BUCKET_DEFAULTS or f.name == "resolution":
+        by_family = (f"{family.display_name} {family_default(family, f.name)}" for family in FAMILIES.values())
+        return " (default: by the teacher's family: " + ", ".join(by_family) + ")"
     if f.name in MODE_DEFAULTS["scott"]:
         return " (default: by --mode: " + ", ".join(f"{m} {MODE_DEFAULTS[m][f.name]}" for m in MODES) + ")"
     return f" (default: {f.default})"
+
+
+def family_default(family, name):
+    """A scott_core Family's default of 'resolution', 'min_bucket_reso' or 'max_bucket_reso'."""
+    return dict(resolution=family.default_resolution, **dict(zip(BUCKET_DEFAULTS, family.bucket_range)))[name]
 
 
 def build_parser():
     """argparse generated from DistillConfig: one --flag per field (in one group per concern), plus --config."""
     parser = argparse.ArgumentParser(
         prog="python -m training.distill",
-        description="Distill a SCott (or LCM) LoRA from an SD1.5-family checkpoint. Flags left out take the "
+        description="Distill a SCott (or LCM) LoRA from an SD1.5- or SDXL-family checkpoint. Flags left out take the "
         "defaults shown.",
     )
     parser.add_argument(
@@ -80,7 +87,8 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """CLI arguments (over a --config run file, over DEMO_DEFAULTS for `--teacher demo`) -> resolved DistillConfig."""
+    """CLI arguments (over a --config run file, over the demo defaults for `--teacher demo` / `demo-xl`) -> resolved
+    DistillConfig."""
     return parse_command(argv)[0]
 
 
@@ -91,8 +99,8 @@ def parse_command(argv=None):
     run_file = read_run_file(args.config) if args.config else {}
     parser.set_defaults(**run_file)
     args = parser.parse_args(argv)
-    if args.teacher == "demo":
-        parser.set_defaults(**{**DEMO_DEFAULTS, **run_file})
+    if args.teacher in DEMO_NAMES:
+        parser.set_defaults(**{**demo_defaults(args.teacher), **run_file})
         args = parser.parse_args(argv)
     if args.teacher is None:
         parser.error("the following arguments are required: --teacher")

@@ -40,9 +40,11 @@ MODE_DEFAULTS = {
 
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo"
-# `--teacher demo`: the shipped shapes-world teacher (training/data/scenes.py), with defaults sized for minutes on a
-# CPU.
-# Flags given on the command line (or in a --config file) still win.
+DEMO_XL_TEACHER = Path(__file__).resolve().parent / "assets" / "demo_xl"
+# `--teacher demo` / `--teacher demo-xl`: the shipped shapes-world teachers (training/data/scenes.py; SD1.5- and
+# SDXL-family), with defaults sized for minutes on a CPU. Flags given on the command line (or in a --config file)
+# still win.
+DEMO_NAMES = ("demo", "demo-xl")
 DEMO_DEFAULTS = {
     "data": WORLD_PREFIX + "4000",
     "output": "runs/demo",
@@ -105,9 +107,10 @@ class ModelOptions:
 
     teacher: str = _opt(
         None,
-        "the teacher: a single-file SD1.5-family checkpoint (.safetensors, original SD "
-        "layout) or a diffusers folder; 'demo' = the shipped 64 px shapes-world teacher, with defaults sized "
-        "for a few minutes on a CPU (data world:4000, resolution 64, batch 16, 300 steps, rank 16)",
+        "the teacher: a single-file SD1.5- or SDXL-family checkpoint (.safetensors, original SD layout, as model "
+        "sites ship them) or a diffusers folder (eps prediction; refiners, inpainting, v-prediction and EDM models "
+        "are refused); 'demo' / 'demo-xl' = the shipped 64 px shapes-world teachers (SD1.5- / SDXL-family), with "
+        "defaults sized for a few minutes on a CPU (data world:4000, resolution 64, batch 16, 300 steps, rank 16)",
         required=True,
     )
     trust_ckpt: bool = _opt(False, "allow a .ckpt/.pt teacher (pickle: run only files you trust)")
@@ -141,7 +144,7 @@ class DataOptions:
         7.5, "data-free only: classifier-free guidance scale of the teacher images", range=AT_LEAST_0
     )
     resolution: int = _opt(
-        512,
+        None,
         "training resolution in pixels: images go to aspect-ratio buckets of about resolution^2 pixels (a multiple "
         "of 64), or with --no-buckets are resized and center-cropped to resolution^2 (a multiple of 8)",
         range=Range(8, multiple=8),
@@ -401,12 +404,13 @@ class DistillConfig(OutputOptions, OptimOptions, MethodOptions, DataOptions, Mod
         if self.mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         values = dataclasses.asdict(self)
-        if self.teacher == "demo":
-            values["teacher"] = str(demo_teacher())
-        for key, value in MODE_DEFAULTS[self.mode].items():
+        if self.teacher in DEMO_NAMES:
+            values["teacher"] = str(demo_teacher(self.teacher))
+        family = teacher_family(values["teacher"], self.trust_ckpt)
+        for key, value in (("resolution", family.core.default_resolution), *family_bucket_defaults(family)):
             if values[key] is None:
                 values[key] = value
-        for key, value in BUCKET_DEFAULTS.items():
+        for key, value in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = value
         for knob, value in SOLVERS[values["solver"]].knobs.items() if values["solver"] in SOLVERS else ():
@@ -525,14 +529,43 @@ def hardware_defaults(mixed_precision, gradient_checkpointing):
     return {"mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing}
 
 
-def demo_teacher():
-    """The shipped shapes-world teacher's folder; a UserError saying how to rebuild it if it is missing."""
-    if not (DEMO_TEACHER / "model_index.json").is_file():
+def demo_folder(name):
+    """Where the shipped 'demo' / 'demo-xl' teacher lives."""
+    return {"demo": DEMO_TEACHER, "demo-xl": DEMO_XL_TEACHER}[name]
+
+
+def demo_teacher(name="demo"):
+    """The shipped shapes-world teacher's folder ('demo' or 'demo-xl'); a UserError saying how to rebuild it if it
+    is missing."""
+    folder = demo_folder(name)
+    if not (folder / "model_index.json").is_file():
+        family = " --family sdxl" if name == "demo-xl" else ""
         raise UserError(
-            f"the demo teacher is missing from {DEMO_TEACHER}; rebuild it with "
-            f"python -m experiments.world.teacher --out {DEMO_TEACHER}"
+            f"the {name} teacher is missing from {folder}; rebuild it with "
+            f"python -m experiments.world.teacher --out {folder}{family}"
         )
-    return DEMO_TEACHER
+    return folder
+
+
+def demo_defaults(name):
+    """The flag defaults of `--teacher demo` / `--teacher demo-xl`: DEMO_DEFAULTS with the teacher's own output
+    folder and validation prompts."""
+    folder = demo_folder(name)
+    return {**DEMO_DEFAULTS, "output": f"runs/{name}", "validation_prompts": str(folder / "prompts.txt")}
+
+
+def teacher_family(teacher, trust_ckpt=False):
+    """The teacher's ModelFamily, whose defaults fill the resolution and bucket range left unset (its refusal if it is
+    refused); SD1.5's for a path that does not exist (the run stops at the teacher check before any training)."""
+    from .models.family import SD15
+    from .models.teacher import check_teacher_path
+
+    return check_teacher_path(teacher, trust_ckpt) if Path(teacher).exists() else SD15
+
+
+def family_bucket_defaults(family):
+    """(flag field, value) of the family's bucket range (SD1.5: kohya's 256..1024, SDXL: 512..2048)."""
+    return tuple(zip(BUCKET_DEFAULTS, family.core.bucket_range))
 
 
 def flag_name(name):

@@ -1,18 +1,23 @@
-"""The frozen encoders on a micro-batch: captions -> hidden states, pixels -> the VAE posterior's moments, and
-(z0, caption states) from either the cache's entries or the batch itself, with the same random draws."""
+"""The frozen encoders on a micro-batch: captions -> their Conditioning, pixels -> the VAE posterior's moments, and
+(z0, conditioning) from either the cache's entries or the batch itself, with the same random draws; the family adds
+the images' size conditioning."""
 
 import torch
 
-from .models.teacher import tokenize
+from .models.teacher import encode_captions
 
 
 @torch.no_grad()
 def encode_text(run, captions, to_float=True):
-    """CLIP last hidden states [B, 77, D] of the captions (padded to the tokenizer's 77), on the run's device,
-    float32 (to_float=False: the encoder's own dtype, as the cache stores them); the encoder runs where it is."""
-    encoder = run.teacher.text_encoder
-    hidden = encoder(tokenize(run.teacher.tokenizer, captions).to(encoder.device))[0]
-    return (hidden.float() if to_float else hidden).to(run.accelerator.device)
+    """The captions' Conditioning (the family's hidden states, and pooled embedding) on the run's device, float32
+    (to_float=False: the encoders' own dtype, as the cache stores them); the encoders run where they are."""
+    cond = encode_captions(run.teacher, captions)
+    return (cond.float() if to_float else cond).to(run.accelerator.device)
+
+
+def encode_uncond(run):
+    """The unconditional embedding [1, ...] (float32): the empty caption's, or the family's zeros."""
+    return run.teacher.family.uncond(encode_text(run, [""]))
 
 
 @torch.no_grad()
@@ -37,11 +42,14 @@ def encode_images(run, pixels, generator):
 
 
 def batch_latents(run, batch, generator):
-    """(z0, caption hidden states) of a micro-batch: from the cache's mean / std / hidden states when it was
-    served from the cache, else encoded now; the same draws from `generator` either way."""
+    """(z0, conditioning) of a micro-batch: from the cache's mean / std / text entries when it was served from the
+    cache, else encoded now; the same draws from `generator` either way; with the images' size conditioning
+    (batch 'sizes') where the family takes it."""
+    device = run.accelerator.device
     if "mean" not in batch:
-        return encode_images(run, batch["pixels"], generator), encode_text(run, batch["captions"])
-    device, scaling = run.accelerator.device, run.teacher.vae.config.scaling_factor
-    z0 = sample_latents(batch["mean"].to(device), batch["std"].to(device), generator, scaling)
-    return z0, batch["cond"].to(device).float()
-
+        z0, cond = encode_images(run, batch["pixels"], generator), encode_text(run, batch["captions"])
+    else:
+        z0 = sample_latents(batch["mean"].to(device), batch["std"].to(device), generator,
+                            run.teacher.vae.config.scaling_factor)
+        cond = batch["cond"].to(device).float()
+    return z0, run.teacher.family.conditioned(cond, batch["sizes"])

@@ -1,4 +1,5 @@
-"""Export the student LoRA as kohya-format .safetensors (lora_unet_* + real .alpha) with SCott metadata."""
+"""Export the student LoRA as kohya-format .safetensors (lora_unet_* + real .alpha) with SCott metadata and the
+family's kohya / modelspec base-model names."""
 
 import json
 import os
@@ -20,13 +21,13 @@ def peft_state_dict(unet, adapter=STUDENT):
     }
 
 
-def to_kohya(peft_sd, alpha):
-    """peft UNet LoRA keys -> kohya keys (lora_unet_*.lora_down/up) with the real lora_alpha as .alpha."""
+def to_kohya(peft_sd, alpha, family):
+    """peft UNet LoRA keys -> the family's kohya keys (lora_unet_*.lora_down/up) with the real lora_alpha as .alpha."""
     meta = {lora_format.DIFFUSERS_METADATA_KEY: json.dumps({"lora_alpha": float(alpha)})}
-    return {k: v.contiguous() for k, v in lora_format.to_kohya(peft_sd, meta).items()}
+    return {k: v.contiguous() for k, v in lora_format.to_kohya(peft_sd, meta, family.core).items()}
 
 
-def metadata(cfg, teacher_name, teacher_sha256, step=None, extra=None):
+def metadata(cfg, family, teacher_name, teacher_sha256, step=None, extra=None):
     """String metadata: what the LoRA is, what it was distilled from and how (solver + only its knob, the adversarial
     schedule), how to sample, (given) the optimiser step it was taken at, and `extra` {key: value} (keep-best's score
     and its name)."""
@@ -44,9 +45,9 @@ def metadata(cfg, teacher_name, teacher_sha256, step=None, extra=None):
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.lora_alpha,
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.kohya_base_version,
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": family.modelspec_architecture,
         "modelspec.title": cfg.name,
         **({"scott.step": step} if step is not None else {}),
         **(extra or {}),
@@ -66,15 +67,15 @@ def adversarial_schedule(cfg):
     return {"scott.adv_decay_steps": cfg.adv_decay_steps, "scott.disc_every": cfg.disc_every}
 
 
-def export_lora(unet, cfg, teacher_name, teacher_sha256, path, step=None, extra=None):
-    """Write the student LoRA to `path` atomically (temp + rename), `step` and `extra` in its metadata; returns the
-    kohya state dict."""
+def export_lora(unet, cfg, family, teacher_name, teacher_sha256, path, step=None, extra=None):
+    """Write the student LoRA to `path` atomically (temp + rename) in `family`'s kohya naming, `step` and `extra` in
+    its metadata; returns the kohya state dict."""
     from safetensors.torch import save_file
 
-    state = to_kohya(peft_state_dict(unet), cfg.lora_alpha)
+    state = to_kohya(peft_state_dict(unet), cfg.lora_alpha, family)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata(cfg, teacher_name, teacher_sha256, step, extra))
+    save_file(state, str(tmp), metadata=metadata(cfg, family, teacher_name, teacher_sha256, step, extra))
     os.replace(tmp, path)
     return state

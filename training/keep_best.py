@@ -23,6 +23,8 @@ from .eval import features, metrics, scorers
 from .eval.evaluation import consistency_latents, latent_shape, per_image_noise
 from .eval.scores import SCORES
 from .models.adapters import STUDENT, using
+from .models.conditioning import Conditioning
+from .models.family import square_sizes
 from .models.teacher import on_device
 from .validation import decode
 
@@ -47,8 +49,8 @@ class ValidationSet:
     as uint8 HWC (for FID), None without."""
 
     captions: list
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    cond: Conditioning  # with the size conditioning of an uncropped image at the run's resolution
+    uncond: Conditioning  # one row: the family's unconditional embedding
     seeds: list
     shape: tuple
     references: dict
@@ -71,10 +73,9 @@ def teacher_latents(teacher, cond, uncond, seeds, shape, steps, cfg, batch_size)
     out = []
     for start in range(0, len(seeds), batch_size):
         c = cond[start : start + batch_size]
-        z, _ = per_image_noise(seeds[start : start + batch_size], shape, c.device)
-        result = pipe(prompt_embeds=c, negative_prompt_embeds=uncond.expand_as(c), latents=z, num_inference_steps=steps,
-                      guidance_scale=cfg, height=shape[1] * scale(teacher), width=shape[2] * scale(teacher),
-                      output_type="latent")
+        z, _ = per_image_noise(seeds[start : start + batch_size], shape, c.states.device)
+        result = pipe(**c.pipeline_kwargs(uncond.like(c)), latents=z, num_inference_steps=steps, guidance_scale=cfg,
+                      height=shape[1] * scale(teacher), width=shape[2] * scale(teacher), output_type="latent")
         out.append(result.images.float())
     return torch.cat(out)
 
@@ -132,7 +133,8 @@ def prepare(run, holdout):
     cfg, teacher, device = run.cfg, run.teacher, run.accelerator.device
     captions, seeds = sample_plan(holdout.captions, cfg.validation_samples, cfg.seed)
     shape = latent_shape(teacher, cfg.resolution)
-    cond = encode_text(run, captions)
+    sizes = square_sizes(cfg.resolution, cfg.resolution, len(captions))
+    cond = teacher.family.conditioned(encode_text(run, captions), sizes)
     pixels = readable(holdout.images or [])
 
     def make():

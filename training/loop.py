@@ -20,7 +20,7 @@ from .data.holdout import Holdout
 from .data.images import PairDataset, epoch_batches, make_loader
 from .data.prepare import synthetic_dataset, training_data
 from .data.skips import Skipped
-from .encode import batch_latents, encode_moments, encode_text
+from .encode import batch_latents, encode_moments, encode_text, encode_uncond
 from .errors import DataError
 from .export import export_lora
 from .keep_best import Judges, KeepBest, check_judges, score_line, student_scores
@@ -148,8 +148,8 @@ def build(cfg):
     if dataset is None:
         dataset = synthetic_dataset(cfg, accelerator, teacher, prompts)
     model, optimizer, scheduler = optimise(cfg, accelerator, step_model(cfg, teacher))
-    teacher.vae.to(accelerator.device)
-    teacher.text_encoder.to(accelerator.device)
+    for module in (teacher.vae, *teacher.text_encoders):
+        module.to(accelerator.device)
     run = Run(
         cfg,
         accelerator,
@@ -165,27 +165,27 @@ def build(cfg):
     )
     if cfg.cache_latents:
         run.dataset = cache_latents(run)
-        run.uncond = run.dataset.uncond().to(accelerator.device)
+        run.uncond = teacher.family.uncond(run.dataset.uncond().to(accelerator.device))
     else:
-        run.uncond = encode_text(run, [""])
+        run.uncond = encode_uncond(run)
     return run
 
 
 def cache_latents(run):
-    """Fill <output>/cache (each process its shard), then serve the dataset from it; the VAE and text encoder
+    """Fill <output>/cache (each process its shard), then serve the dataset from it; the VAE and text encoders
     leave the GPU."""
     accelerator, cfg, teacher = run.accelerator, run.cfg, run.teacher
     root = Path(cfg.output) / "cache"
     encoders = Encoders(latents=lambda pixels: encode_moments(run, pixels), text=lambda c: encode_text(run, c, False))
-    encoder = encoder_id(teacher.sha256, teacher.vae.dtype, teacher.text_encoder.dtype)
+    encoder = encoder_id(teacher.sha256, teacher.vae.dtype, *(module.dtype for module in teacher.text_encoders))
     filled = fill(
         run.dataset, encoder, root, encoders, accelerator.process_index, accelerator.num_processes, cfg.batch_size
     )
     run.skips.add(filled.unreadable)
     accelerator.wait_for_everyone()
     log.info("latent cache %s: rank %d encoded %d new entries", root, accelerator.process_index, filled.made)
-    teacher.vae.to("cpu")
-    teacher.text_encoder.to("cpu")
+    for module in (teacher.vae, *teacher.text_encoders):
+        module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return CachedPairs(run.dataset, root, filled.latent_keys, filled.text_keys, text_key(encoder, ""))
@@ -254,8 +254,9 @@ def validate(run, step, prompts):
         validation_grid(
             run.unet,
             run.teacher.vae,
+            run.teacher.family,
             encode_text(run, [line.prompt for line in prompts]),
-            encode_text(run, [line.negative for line in prompts]),
+            negatives(run, prompts),
             prompts,
             cfg.validation_step_counts(),
             alphas_cumprod(),
@@ -265,6 +266,12 @@ def validate(run, step, prompts):
             seed=cfg.seed,
         )
     return path
+
+
+def negatives(run, prompts):
+    """The Conditioning of each line's negative prompt: the run's unconditional embedding where it has none."""
+    cond = encode_text(run, [line.negative for line in prompts])
+    return cond.where(torch.tensor([not line.negative for line in prompts]), run.uncond.like(cond))
 
 
 def keep_best(run, step, validation, keeper, judges):
@@ -283,11 +290,17 @@ def keep_best(run, step, validation, keeper, judges):
         run.accelerator.log(logged, step=step)
     if keeper.improves(value):
         best = Path(cfg.output) / f"{cfg.name}_best.safetensors"
-        extra = {"scott.validation_score": value, "scott.validation_score_name": name}
-        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, best, step=step, extra=extra)
+        export(run, best, step, extra={"scott.validation_score": value, "scott.validation_score_name": name})
         keeper.record(step, value)
     log.info("step %d: %s", step, score_line(cfg, validation, value, values, judged, keeper))
     return value
+
+
+def export(run, path, step, extra=None):
+    """Export the run's student LoRA at optimiser step `step` to `path` (the teacher's family, name and hash; `extra`
+    metadata added)."""
+    teacher = run.teacher
+    export_lora(run.unet, run.cfg, teacher.family, teacher.name, teacher.sha256, path, step=step, extra=extra)
 
 
 def write_skips(run):
@@ -395,7 +408,7 @@ def train_run(cfg, where):
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 where.checkpoint = checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)
             if saves_at(cfg, step) and main:
-                export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, step_lora_path(cfg, step), step=step)
+                export(run, step_lora_path(cfg, step), step)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 where.doing = f"while validating at step {step}"
                 validate(run, step, prompts)
@@ -406,7 +419,7 @@ def train_run(cfg, where):
         write_skips(run)  # every process's skips; only this one's when the run stops early
     path = output / f"{cfg.name}.safetensors"
     if main:
-        export_lora(run.unet, cfg, run.teacher.name, run.teacher.sha256, path, step=step)
+        export(run, path, step)
         log.info(
             "%d steps in %.1f s; %d inputs skipped, listed in %s; LoRA written to %s",
             step,

@@ -1,16 +1,16 @@
 """The GPU memory a run needs, estimated without weights or a GPU, and the one-line message when a GPU runs out of it.
 
-`estimate(cfg)` runs the loop's own code on fake tensors: the teacher's UNet, VAE and text encoder are built from its
-configs on the meta device and made fake (FakeTensorMode); loop.make_accelerator(estimate=True) and loop.build_model add
-the LoRAs, the discriminator's head, the SCottStep, AdamW's two parameter groups and accelerate's wrapper; then
-loop.train_step runs twice as the run's heaviest step (step.peak_step) on a micro-batch of the largest bucket as the
-loader serves it (the second step with AdamW's state), gradient clipping and the EMA update included. LiveBytes counts
-the bytes of live storages, each rounded up to 512 B as the CUDA caching allocator rounds, and the FLOPs by
-torch.utils.flop_counter's formulas. CPU autocast stands in for CUDA autocast, with group_norm / layer_norm in fp32 as
-CUDA autocast runs them; the base weights take the dtype a CUDA run gives them. Not seen: the CUDA context (~0.3-0.5
-GiB), cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU shows somewhat more; nor the gradient buckets DDP
-adds under several processes (about the trainable LoRAs' gradients once more). fp16 is estimated as bf16 (the same
-sizes). docs/memory.md has the figures.
+`estimate(cfg)` runs the loop's own code on fake tensors: the teacher's UNet, VAE and its family's text encoders are
+built from its configs (a single file's: its family's shipped ones) on the meta device and made fake (FakeTensorMode);
+loop.make_accelerator(estimate=True) and loop.build_model add the LoRAs, the discriminator's head, the SCottStep,
+AdamW's two parameter groups and accelerate's wrapper; then loop.train_step runs twice as the run's heaviest step
+(step.peak_step) on a micro-batch of the largest bucket as the loader serves it (the second step with AdamW's state),
+gradient clipping and the EMA update included. LiveBytes counts the bytes of live storages, each rounded up to 512 B as
+the CUDA caching allocator rounds, and the FLOPs by torch.utils.flop_counter's formulas. CPU autocast stands in for CUDA
+autocast, with group_norm / layer_norm in fp32 as CUDA autocast runs them; the base weights take the dtype a CUDA run
+gives them. Not seen: the CUDA context (~0.3-0.5 GiB), cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU
+shows somewhat more; nor the gradient buckets DDP adds under several processes (about the trainable LoRAs' gradients
+once more). fp16 is estimated as bf16 (the same sizes). docs/memory.md has the figures.
 """
 
 import contextlib
@@ -127,12 +127,13 @@ def norms_in_fp32():
         functional.group_norm, functional.layer_norm = originals
 
 
-def config_folder(teacher):
-    """Where a teacher's component configs are: its own folder, or the shipped SD1.5 configs for a single file (the
-    ones load_teacher reads it with)."""
-    from .models.teacher import ASSETS
+def teacher_configs(cfg):
+    """(family, the folder of its component configs): a teacher folder's own configs, or for a single file its
+    family's shipped ones (what load_teacher reads it with)."""
+    from .models.teacher import check_teacher_path
 
-    return Path(teacher) if Path(teacher).is_dir() else ASSETS
+    family = check_teacher_path(cfg.teacher, cfg.trust_ckpt)
+    return family, Path(cfg.teacher) if Path(cfg.teacher).is_dir() else family.assets
 
 
 def component(folder, name, library, cls):
@@ -146,28 +147,34 @@ def component(folder, name, library, cls):
 
 
 def random_teacher(cfg, device, fake_mode=None):
-    """A Teacher from the configs cfg.teacher has (model_index.json's unet, vae, text encoder; its tokenizer read as
-    is), weights random, in the dtype a CUDA run gives them: built on `device`, or with fake_mode on the meta device
-    (the VAE and text encoder made fake on `device`; the UNet left on meta for step_run)."""
+    """A Teacher of cfg.teacher's family from its configs (teacher_configs: model_index.json's unet, vae and the
+    family's text encoders; the tokenizers read as they are), weights random, in the dtype a CUDA run gives them:
+    built on `device`, or with fake_mode on the meta device (the VAE and text encoders made fake on `device`; the
+    UNet left on meta for step_run)."""
     from diffusers.utils import logging as diffusers_logging
 
     from .loop import weight_dtype
     from .models.teacher import Teacher
 
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on each cast
-    folder = config_folder(cfg.teacher)
+    family, folder = teacher_configs(cfg)
     index = json.loads((folder / "model_index.json").read_text())
     dtype = weight_dtype(cfg.mixed_precision, torch.device("cuda"))
+    names = ("unet", "vae", *family.text_encoders)
     parts = {}
     with torch.device("meta" if fake_mode else device):
-        for name in ("unet", "vae", "text_encoder"):
+        for name in names:
             parts[name] = component(folder, name, *index[name]).requires_grad_(False).to(dtype)
     if fake_mode:  # the UNet stays on meta until its adapters are in: step_run makes the SCottStep fake
-        for name in ("vae", "text_encoder"):
+        for name in names[1:]:
             make_fake(parts[name], fake_mode, torch.device(device))
-    library, cls = index["tokenizer"]
-    tokenizer = getattr(importlib.import_module(library), cls).from_pretrained(str(folder / "tokenizer"))
-    return Teacher(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer, Path(cfg.teacher).stem, "random")
+    tokenizers = tuple(
+        getattr(importlib.import_module(index[name][0]), index[name][1]).from_pretrained(str(folder / name))
+        for name in family.tokenizers
+    )
+    encoders = tuple(parts[name] for name in family.text_encoders)
+    return Teacher(family, parts["unet"], parts["vae"], encoders, tokenizers, Path(cfg.teacher).stem, "random",
+                   folder / "scheduler")
 
 
 def make_fake(module, fake_mode, device):
@@ -202,18 +209,34 @@ def largest_size(cfg):
     return max(sizes, key=lambda size: (size[0] * size[1], -abs(size[0] - size[1])))
 
 
+def cached_conditioning(teacher, rows, make=torch.randn):
+    """A Conditioning of `rows` captions as the cache serves it, made by make(*shape, dtype=) in the text encoders'
+    dtype: the family's text encoders' hidden states side by side, and its pooled embedding where it has one."""
+    from .models.conditioning import Conditioning
+
+    family, dtype = teacher.family, teacher.text_encoders[0].dtype
+    length = teacher.tokenizers[0].model_max_length
+    states = make(rows, length, sum(encoder.config.hidden_size for encoder in teacher.text_encoders), dtype=dtype)
+    encoders = dict(zip(family.text_encoders, teacher.text_encoders))
+    pooled = make(rows, encoders[family.pooled_from].config.projection_dim, dtype=dtype) if family.pooled_from else None
+    return Conditioning(states, pooled)
+
+
 def micro_batch(run, size):
-    """A micro-batch of the largest crop as the loader serves it: with the cache, the latent mean / std (the VAE's
-    dtype) and caption hidden states (the text encoder's); without, pixels in [-1, 1] and captions."""
+    """A micro-batch of the largest crop as the loader serves it, with its images' sizes (uncropped): with the cache,
+    the latent mean / std (the VAE's dtype) and the captions' Conditioning (the text encoders'); without, pixels in
+    [-1, 1] and captions."""
+    from .models.family import square_sizes
+
     teacher, batch = run.teacher, run.cfg.batch_size
+    sizes = square_sizes(size[1], size[0], batch)
     if not run.cfg.cache_latents:
         return {"pixels": torch.rand(batch, 3, size[1], size[0]) * 2 - 1, "captions": ["a photograph"] * batch,
-                "skipped": []}
+                "sizes": sizes, "skipped": []}
     scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     latent = (batch, teacher.vae.config.latent_channels, size[1] // scale, size[0] // scale)
-    hidden = (batch, teacher.tokenizer.model_max_length, teacher.text_encoder.config.hidden_size)
     return {"mean": torch.randn(latent, dtype=teacher.vae.dtype), "std": torch.rand(latent, dtype=teacher.vae.dtype),
-            "cond": torch.randn(hidden, dtype=teacher.text_encoder.dtype), "captions": ["a photograph"] * batch,
+            "cond": cached_conditioning(teacher, batch), "sizes": sizes, "captions": ["a photograph"] * batch,
             "skipped": []}
 
 
@@ -224,7 +247,7 @@ def step_run(cfg, accelerator, teacher, fake_mode=None):
     from scott_core.schedule import training_grid
 
     from .data.skips import Skipped
-    from .encode import encode_text
+    from .encode import encode_uncond
     from .loop import Run, optimise, step_model
 
     with torch.device("meta") if fake_mode else contextlib.nullcontext():  # the LoRAs and head on meta, then fake
@@ -235,11 +258,11 @@ def step_run(cfg, accelerator, teacher, fake_mode=None):
         model, optimizer, scheduler = optimise(cfg, accelerator, model)
         run = Run(cfg, accelerator, model, optimizer, scheduler, teacher, None, training_grid(cfg.grid_spacing), None,
                   Skipped())
-        if cfg.cache_latents:
-            hidden = (1, teacher.tokenizer.model_max_length, teacher.text_encoder.config.hidden_size)
-            run.uncond = torch.zeros(hidden, device=accelerator.device)  # the cache's empty caption, float32
+        if cfg.cache_latents:  # the cache's empty caption (float32), made the family's unconditional embedding
+            empty = cached_conditioning(teacher, 1, torch.zeros).float().to(accelerator.device)
+            run.uncond = teacher.family.uncond(empty)
         else:
-            run.uncond = encode_text(run, [""])
+            run.uncond = encode_uncond(run)
     return run
 
 
@@ -248,7 +271,7 @@ def resident(run):
     without the cache the VAE's and text encoder's."""
     modules = [run.accelerator.unwrap_model(run.model)]
     if not run.cfg.cache_latents:
-        modules += [run.teacher.vae, run.teacher.text_encoder]
+        modules += [run.teacher.vae, *run.teacher.text_encoders]
     return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from scott_core.sampling import add_noise, consistency_denoiser
-from scott_core.schedule import append_dims, skip_timestep
+from scott_core.schedule import skip_timestep
 from scott_core.solvers import KNOBS, solve
 
 from .models.adapters import DISC, STUDENT, TARGET, frozen, using
+from .models.conditioning import Conditioning
 from .models.discriminator import unet_features
 from .models.unet import guided_eps_fn, unet_eps_fn
 
@@ -26,7 +27,7 @@ class Draws:
     t_n: torch.Tensor  # long [B]
     noise: torch.Tensor  # like z0
     w: torch.Tensor  # float [B]
-    drop: torch.Tensor  # bool [B]: caption replaced by the empty caption
+    drop: torch.Tensor  # bool [B]: caption (hidden states and pooled embedding) replaced by the unconditional one
     generator: torch.Generator  # for the teacher's SDE noise
     disc_t: torch.Tensor | None = None  # --disc-renoise: the disc's own timestep [B] (a fresh draw) ...
     disc_noise: torch.Tensor | None = None  # ... and its own noise, like z0, the same for real and fake
@@ -39,7 +40,7 @@ class Estimate:
     z0: torch.Tensor  # the clean latent (the discriminator's real sample)
     z_n: torch.Tensor  # z0 noised to t_n
     t_n: torch.Tensor
-    cond: torch.Tensor  # caption embeddings after dropout
+    cond: Conditioning  # the captions' conditioning after dropout
     f_target: torch.Tensor  # the target LoRA's f(z_m, t_m) after the teacher's solve t_n -> t_m
     fake: torch.Tensor | None  # the student's f(z_n, t_n) (None without the adversarial loss)
     disc_t: torch.Tensor | None = None  # --disc-renoise: the disc's timestep and noise (Draws')
@@ -167,8 +168,8 @@ class SCottStep(nn.Module):
         """(a) z_n, the teacher's solve to t_m, the target f(z_m, t_m) and (if `fake` and adversarial) the student's
         f(z_n, t_n)."""
         cfg, ab = self.cfg, self.alphas_cumprod.cpu()
-        uncond = uncond.expand_as(cond)
-        cond = torch.where(append_dims(draws.drop.to(cond.device), cond.ndim), uncond, cond)
+        uncond = uncond.like(cond)
+        cond = cond.where(draws.drop, uncond)
         t_n, t_m = draws.t_n, skip_timestep(draws.t_n, cfg.span)
         z_n = add_noise(z0, draws.noise, t_n, ab)
         with using(self.unet, None):
@@ -196,8 +197,8 @@ class SCottStep(nn.Module):
         """(b) The hinge loss on D(real) vs D(detached fake), whose gradient reaches only the disc; and the margin
         mean D(real) - mean D(fake) (detached)."""
         (real, t), (fake, _) = self.renoised(est.z0, est), self.renoised(est.fake, est)
-        c = est.cond
-        d_real, d_fake = self.discriminate(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([c, c])).chunk(2)
+        c = Conditioning.cat([est.cond, est.cond])
+        d_real, d_fake = self.discriminate(torch.cat([real, fake]), torch.cat([t, t]), c).chunk(2)
         return hinge_d_loss(d_real, d_fake), (d_real.mean() - d_fake.mean()).detach()
 
     def generator_grad(self, est):

@@ -1,6 +1,7 @@
 """Validation grids: prompt lines with kohya-style options, the grids (prompts x {1, 2, 4} steps from scott_core's
 sampler with the student LoRA). Keep-best's score: keep_best.py."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from scott_core.schedule import lcm_timesteps
 
 from .errors import UserError
 from .models.adapters import STUDENT, using
+from .models.family import square_sizes
 from .models.unet import guided_eps_fn, unet_eps_fn
 
 DEFAULT_PROMPTS = (
@@ -107,24 +109,19 @@ def read_prompts(path):
 
 @torch.no_grad()
 def consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator):
-    """Clean latents from noise `z` in `steps` LCM-grid steps of the UNet's active LoRA (no CFG)."""
+    """Clean latents from noise `z` in `steps` LCM-grid steps of the UNet's active LoRA on the Conditioning `cond`
+    (no CFG)."""
     denoiser = consistency_denoiser(unet_eps_fn(unet, cond), alphas_cumprod)
     return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
 
 
 @torch.no_grad()
-def sample_latents(unet, cond, steps, alphas_cumprod, latent_shape, gamma=1.0, seed=0):
-    """Student samples (clean latents) for the caption embeddings `cond` in `steps` LCM-grid steps."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn((cond.shape[0], *latent_shape), generator=generator).to(cond.device)
-    with using(unet, STUDENT):
-        return consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator)
-
-
-@torch.no_grad()
 def decode(vae, latents):
-    """Latents -> uint8 HWC images."""
-    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # CPU once cached
+    """Latents -> uint8 HWC images; a float32 VAE (SDXL's under fp16, as its pipeline upcasts it) decodes outside
+    autocast, in float32."""
+    fp32 = torch.autocast(vae.device.type, enabled=False) if vae.dtype == torch.float32 else contextlib.nullcontext()
+    with fp32:
+        images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample  # CPU once cached
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -135,7 +132,7 @@ def guided_sample(unet, cond, uncond, cfg, z, steps, alphas_cumprod, gamma, gene
     if cfg == 1:
         return consistency_sample(unet, cond, z, steps, alphas_cumprod, gamma, generator)
 
-    eps_fn = guided_eps_fn(unet, cond, uncond.expand_as(cond), cfg - 1)
+    eps_fn = guided_eps_fn(unet, cond, uncond.like(cond), cfg - 1)
     denoiser = consistency_denoiser(eps_fn, alphas_cumprod)
     return sample_scott(denoiser, z, lcm_timesteps(steps), alphas_cumprod, gamma=gamma, generator=generator)
 
@@ -144,7 +141,7 @@ def guided_sample(unet, cond, uncond, cfg, z, steps, alphas_cumprod, gamma, gene
 def sample_row(unet, cond, uncond, steps, cfg, alphas_cumprod, latent_shape, gamma, seed):
     """Student samples (clean latents [1, C, h, w]) of one prompt line, its noise and re-noise from `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    z = torch.randn((cond.shape[0], *latent_shape), generator=generator).to(cond.device)
+    z = torch.randn((len(cond), *latent_shape), generator=generator).to(cond.states.device)
     with using(unet, STUDENT):
         return guided_sample(unet, cond, uncond, cfg, z, steps, alphas_cumprod, gamma, generator)
 
@@ -172,9 +169,11 @@ def grid(rows):
     return canvas
 
 
-def validation_grid(unet, vae, cond, uncond, lines, step_counts, alphas_cumprod, resolution, path, gamma=1.0, seed=0):
-    """Write the PNG grid to `path`, one row per PromptLine (cond / uncond: its prompt's and negative's
-    embeddings): a line's --s renders that step count, others the step_counts; returns the grid image."""
+def validation_grid(unet, vae, family, cond, uncond, lines, step_counts, alphas_cumprod, resolution, path, gamma=1.0,
+                    seed=0):
+    """Write the PNG grid to `path`, one row per PromptLine (cond / uncond: the Conditionings of its prompt and its
+    negative, given the row's size conditioning by `family`): a line's --s renders that step count, others the
+    step_counts; returns the grid image."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     rows = []
     for i, line in enumerate(lines):
@@ -182,7 +181,7 @@ def validation_grid(unet, vae, cond, uncond, lines, step_counts, alphas_cumprod,
             line, i, step_counts, resolution, gamma, seed
         )
         shape = (unet.config.in_channels, height // scale, width // scale)
-        c, u = cond[i : i + 1], uncond[i : i + 1]
+        c, u = family.conditioned(cond[i : i + 1], square_sizes(height, width)), uncond[i : i + 1]
         rows.append(
             [decode(vae, sample_row(unet, c, u, k, cfg, alphas_cumprod, shape, row_gamma, row_seed))[0] for k in counts]
         )

@@ -4,15 +4,17 @@ count_flops, the counter of the trainer's --estimate-memory; and the steps at wh
 
 A step's FLOPs depend on which parts of it run (training.step.StepPlan: the generator term on or off, the
 discriminator updating or not), not on the data or the weights, so each kind of step is counted once, on random
-latents and caption states of the run's shapes. Budgets are given in LCM-step equivalents: b stands for b times the
-FLOPs of one `--mode lcm` step at the same sizes, so `lcm` spends budget b in exactly b steps.
+latents and caption conditioning of the run's shapes (the teacher family's). Budgets are given in LCM-step
+equivalents: b stands for b times the FLOPs of one `--mode lcm` step at the same sizes, so `lcm` spends budget b in
+exactly b steps.
 """
 
 import torch
 
 from scott_core.schedule import training_grid
 from training.loop import step_model
-from training.memory import count_flops
+from training.memory import cached_conditioning, count_flops
+from training.models.family import square_sizes
 from training.models.teacher import load_teacher
 from training.step import draw, scott_backward, step_plan
 
@@ -38,8 +40,9 @@ def kind_flops(cfg, steps):
     generator = torch.Generator().manual_seed(0)
     latent = cfg.resolution // scale
     z0 = torch.randn(cfg.batch_size, config.in_channels, latent, latent, generator=generator)
-    cond = torch.randn(cfg.batch_size, 77, config.cross_attention_dim, generator=generator)
-    uncond = torch.randn(1, 77, config.cross_attention_dim, generator=generator)
+    sizes = square_sizes(cfg.resolution, cfg.resolution, cfg.batch_size)
+    cond = teacher.family.conditioned(cached_conditioning(teacher, cfg.batch_size).float(), sizes)
+    uncond = teacher.family.uncond(cached_conditioning(teacher, 1).float())
     plans = {kind(step_plan(cfg, s)): step_plan(cfg, s) for s in range(steps)}
     out = {}
     for key, plan in plans.items():

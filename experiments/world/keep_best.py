@@ -68,10 +68,10 @@ def keep_best_scores(run, validation, lora):
 
 def judge_fd(lora, captions, real, model, seed=0):
     """{steps: FD} of the world judge for one LoRA: report.py's student images on the evaluation captions."""
-    pipe = report.load_pipeline(lora)
+    student = report.load_student(lora)
     out = {}
     for k in STEP_COUNTS:
-        fake = report.student_images(pipe, captions, k, seed).permute(0, 3, 1, 2).float() / 127.5 - 1
+        fake = report.student_images(student, captions, k, seed).permute(0, 3, 1, 2).float() / 127.5 - 1
         out[k] = score(model, fake, captions, real)["fd"]
     return out
 

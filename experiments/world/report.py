@@ -28,11 +28,12 @@ import torch
 from PIL import Image
 
 from scott_core.schedule import alphas_cumprod
-from training.config import DEMO_DEFAULTS, demo_teacher
+from training.config import DEMO_DEFAULTS, DEMO_NAMES, demo_teacher
 from training.data import scenes
 from training.data.synth import save_pair, teacher_pipeline
 from training.loop import step_lora_path
-from training.models.teacher import load_teacher, tokenize
+from training.models.family import square_sizes
+from training.models.teacher import encode_captions, load_teacher
 from training.validation import consistency_sample, decode
 
 NO_ADV = ("--adv-weight", "0")
@@ -122,13 +123,13 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def load_pipeline(lora=None, teacher="demo"):
-    """The teacher's (default: the demo one's) DPM-Solver++ 2M pipeline (training.data.synth.teacher_pipeline; fp32,
-    CPU), with `lora` loaded if given."""
-    pipe = teacher_pipeline(load_teacher(demo_teacher() if teacher == "demo" else teacher))
+def load_student(lora=None, teacher="demo"):
+    """The teacher (default: the demo one; 'demo-xl' the SDXL-family one; fp32, CPU) with `lora` loaded into its UNet
+    by its diffusers pipeline's load_lora_weights, if given."""
+    model = load_teacher(demo_teacher(teacher) if teacher in DEMO_NAMES else teacher)
     if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    return pipe
+        teacher_pipeline(model).load_lora_weights(str(lora))
+    return model
 
 
 def initial_noise(count, seed, shape):
@@ -137,23 +138,29 @@ def initial_noise(count, seed, shape):
 
 
 @torch.no_grad()
-def student_images(pipe, captions, steps, seed, batch=100):
-    """uint8 HWC images from the LoRA student: multi-step consistency sampling (gamma 1), no CFG."""
+def student_images(model, captions, steps, seed, batch=100):
+    """uint8 HWC images from the LoRA student (a loaded teacher, load_student): multi-step consistency sampling
+    (gamma 1), no CFG, the captions encoded as the trainer encodes them (with the family's size conditioning of an
+    uncropped world image)."""
     ab = alphas_cumprod()
-    latent = pipe.unet.config.sample_size
-    noise = initial_noise(len(captions), seed, (pipe.unet.config.in_channels, latent, latent))
+    latent = model.unet.config.sample_size
+    noise = initial_noise(len(captions), seed, (model.unet.config.in_channels, latent, latent))
     out = []
     for start in range(0, len(captions), batch):
-        cond = pipe.text_encoder(tokenize(pipe.tokenizer, captions[start : start + batch]))[0]
+        chunk = captions[start : start + batch]
+        sizes = square_sizes(scenes.SIZE, scenes.SIZE, len(chunk))
+        cond = model.family.conditioned(encode_captions(model, chunk), sizes)
         generator = torch.Generator().manual_seed(seed * 7919 + start)
-        x0 = consistency_sample(pipe.unet, cond, noise[start : start + batch], steps, ab, 1.0, generator)
-        out.append(decode(pipe.vae, x0))
+        x0 = consistency_sample(model.unet, cond, noise[start : start + batch], steps, ab, 1.0, generator)
+        out.append(decode(model.vae, x0))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def teacher_images(pipe, captions, seed, batch=100):
-    """uint8 HWC images from the teacher: DPM-Solver++ 2M, 25 steps, cfg 7.5, from the shared initial noise."""
+def teacher_images(model, captions, seed, batch=100):
+    """uint8 HWC images from the teacher: DPM-Solver++ 2M, 25 steps, cfg 7.5, from the shared initial noise, its
+    family's pipeline."""
+    pipe = teacher_pipeline(model)
     latent = pipe.unet.config.sample_size
     noise = initial_noise(len(captions), seed, (pipe.unet.config.in_channels, latent, latent))
     out = []
@@ -355,10 +362,10 @@ class Grid:
     def score_lora(self, arm, seed, trained, lora, keep_strip):
         """Sample the evaluation captions from a LoRA at every student step count missing, and score them."""
         started = time.process_time()
-        captions, pipe = self.captions(), load_pipeline(lora, self.teacher)
+        captions, model = self.captions(), load_student(lora, self.teacher)
         for steps in STUDENT_STEPS:
             if not self.score_file(arm, seed, steps, trained).is_file():
-                images = student_images(pipe, captions, steps, seed)
+                images = student_images(model, captions, steps, seed)
                 self.score(arm, seed, steps, trained, images, captions, keep_strip)
         print(f"scored {arm} seed {seed} after {trained} steps: {time.process_time() - started:.0f} s CPU", flush=True)
 
@@ -368,13 +375,13 @@ class Grid:
             floor = self.out / f"real_{self.world}_{self.n_eval}_s{seed}"
             self.cache(arm, seed, 0, 0, scenes.write_folder(floor, self.n_eval, EVAL_SEED + 1 + seed, self.world))
             return
-        captions, pipe = self.captions(), load_pipeline(None, self.teacher)
+        captions, model = self.captions(), load_student(None, self.teacher)
         if arm == "teacher":
-            self.score(arm, seed, TEACHER_STEPS, 0, teacher_images(pipe, captions, seed), captions)
+            self.score(arm, seed, TEACHER_STEPS, 0, teacher_images(model, captions, seed), captions)
             return
         for steps in self.steps_of(arm):
             if not self.score_file(arm, seed, steps, 0).is_file():
-                self.score(arm, seed, steps, 0, student_images(pipe, captions, steps, seed), captions)
+                self.score(arm, seed, steps, 0, student_images(model, captions, steps, seed), captions)
 
     def raw(self, arms, seeds, trained):
         """{arm: {steps: {metric: {seed: value}}}} of every cached scored set among `arms` x `seeds`, each student
@@ -488,7 +495,8 @@ def main(argv=None):
     parser.add_argument("--docs", default="docs", help="where the results JSON, table and PNG strips go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and sampling seeds")
     parser.add_argument("--teacher", default="demo", help="the teacher folder every arm distils (default: the demo "
-                        "teacher; the diverse world's: experiments/world/assets/diverse_teacher)")
+                        "teacher; demo-xl: the SDXL-family demo teacher; the diverse world's: "
+                        "experiments/world/assets/diverse_teacher)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max-steps", type=int, default=300, help="every arm trains this many optimiser steps")
     budget.add_argument("--budgets", type=int, nargs="+", default=None, metavar="LCM_STEPS",

@@ -1,4 +1,4 @@
-"""The shapes world's tiny teacher: an SD1.5-family pipeline trained from scratch on world scenes, on a CPU.
+"""The shapes world's tiny teachers: an SD1.5- or SDXL-family pipeline trained from scratch on world scenes, on a CPU.
 
 `python -m experiments.world.teacher --out training/assets/demo --minutes 45` renders a pool of world images, trains
 a small AutoencoderKL on them (phase 1, ~15% of the budget), encodes the pool once to latents, then trains a small
@@ -6,6 +6,14 @@ UNet2DConditionModel and a CLIP text model from scratch together with SD's epsil
 (phase 2), and saves an fp16 StableDiffusionPipeline folder that `training.models.teacher.load_teacher` opens. The CLIP
 tokenizer and the noise schedule are SD1.5's own (training/assets/sd15), so the folder is an SD1.5-family teacher
 in everything but size. Ctrl-C (or SIGTERM) ends the current phase early and still saves.
+
+`--family sdxl` builds the SDXL-family one (`--teacher demo-xl`: `--out training/assets/demo_xl`): two text encoders
+(a CLIP text model and a CLIP text model with projection, SDXL's tokenizers), their penultimate hidden states
+concatenated, the second's pooled embedding and SDXL's size time ids as the UNet's text-time added conditioning,
+zeros as the dropped caption (SDXL's empty prompt); a quarter of the pool is shown as SDXL's training shows
+low-resolution originals (rendered at 32 or 48 px, upscaled, told that original size) and another quarter as random
+crops (told their crop offset), so the size conditioning means what it means in SDXL; sampling asks for uncropped
+64 px originals. Saved as a StableDiffusionXLPipeline folder.
 
 `--world diverse` trains on the diverse world's captions (the same images, captions naming only some attributes);
 `--init FOLDER` starts from a saved teacher: its VAE (and latent scale) is kept, phase 1 is skipped, and its UNet and
@@ -15,6 +23,7 @@ text encoder train further on this world's captions (how the diverse teacher is 
 """
 
 import argparse
+import json
 import math
 import shutil
 import signal
@@ -29,7 +38,8 @@ import torch.nn.functional as F
 from scott_core.schedule import alphas_cumprod
 from training.data import scenes
 from training.data.synth import teacher_pipeline
-from training.models.teacher import ASSETS, load_teacher, tokenize
+from training.models.family import FAMILIES, square_sizes
+from training.models.teacher import encode_tokens, family_pipeline, load_teacher, tokenize
 
 # Sizes of the full teacher and of the seconds-long --quick one (the test's).
 SIZES = {
@@ -39,8 +49,9 @@ SIZES = {
         unet_channels=(32, 64, 96),
         unet_groups=16,
         heads=2,
-        text_dim=64,
+        text_dims={"sd15": (64,), "sdxl": (48, 32)},  # per text encoder
         text_layers=3,
+        time_dim=16,  # SDXL's addition_time_embed_dim (256 in SDXL)
         pool=32_000,
         vae_batch=32,
         unet_batch=64,
@@ -51,8 +62,9 @@ SIZES = {
         unet_channels=(16, 32, 32),
         unet_groups=8,
         heads=2,
-        text_dim=32,
+        text_dims={"sd15": (32,), "sdxl": (16, 16)},
         text_layers=2,
+        time_dim=8,
         pool=64,
         vae_batch=8,
         unet_batch=8,
@@ -98,10 +110,19 @@ def vae_model(size):
     )
 
 
-def unet_model(size):
-    """A 16x16 UNet2DConditionModel: a plain first level, cross-attention at 8x8 and 4x4 (and in the middle)."""
+def unet_model(size, family):
+    """A 16x16 UNet2DConditionModel: a plain first level, cross-attention at 8x8 and 4x4 (and in the middle), as wide
+    as the family's text encoders together; SDXL's text-time added conditioning (6 size ids + the pooled embedding)
+    and linear projections for the SDXL family."""
     from diffusers import UNet2DConditionModel
 
+    dims = size["text_dims"][family.name]
+    added = dict(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=size["time_dim"],
+        projection_class_embeddings_input_dim=6 * size["time_dim"] + dims[-1],
+        use_linear_projection=True,
+    ) if family.time_ids else {}
     return UNet2DConditionModel(
         sample_size=scenes.SIZE // 4,
         in_channels=4,
@@ -110,22 +131,23 @@ def unet_model(size):
         block_out_channels=size["unet_channels"],
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=size["text_dim"],
+        cross_attention_dim=sum(dims),
         attention_head_dim=size["heads"],  # diffusers reads this as the number of heads
         norm_num_groups=size["unet_groups"],
+        **added,
     )
 
 
-def text_model(size, tokenizer):
-    """A small CLIPTextModel over the shipped CLIP tokenizer's vocabulary and special tokens."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_model(dim, layers, tokenizer, projection=False):
+    """A small CLIP text model over the shipped CLIP tokenizer's vocabulary and special tokens; with a projection
+    of its pooled output (SDXL's second encoder) if asked."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    dim = size["text_dim"]
     config = CLIPTextConfig(
         hidden_size=dim,
         intermediate_size=4 * dim,
-        num_hidden_layers=size["text_layers"],
-        num_attention_heads=dim // 16,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, dim // 16),
         projection_dim=dim,
         vocab_size=tokenizer.vocab_size,
         max_position_embeddings=tokenizer.model_max_length,
@@ -133,25 +155,61 @@ def text_model(size, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def initial_models(init, size):
-    """(tokenizer, vae, unet, text encoder): new ones of `size`, or those of the saved teacher `init` (fp32), its UNet
-    and text encoder trainable."""
+def text_models(size, tokenizers, family):
+    """One small text model per text encoder of the family (the pooled one with a projection)."""
+    dims = size["text_dims"][family.name]
+    return tuple(text_model(dim, size["text_layers"], tokenizer, projection=name == family.pooled_from)
+                 for name, dim, tokenizer in zip(family.text_encoders, dims, tokenizers))
+
+
+def initial_models(init, size, family, vae_from=None):
+    """(tokenizers, vae, unet, text encoders): new ones of `size` for `family` (the VAE of the saved teacher
+    `vae_from` if given), or those of the saved teacher `init` (fp32; its family must be `family`), its UNet and text
+    encoders trainable."""
     if init is None:
-        tokenizer = load_tokenizer()
-        return tokenizer, vae_model(size), unet_model(size), text_model(size, tokenizer)
+        from diffusers import AutoencoderKL
+
+        tokenizers = load_tokenizers(family)
+        vae = vae_model(size) if vae_from is None else AutoencoderKL.from_pretrained(str(Path(vae_from) / "vae"))
+        return tokenizers, vae.float(), unet_model(size, family), text_models(size, tokenizers, family)
     teacher = load_teacher(init)
-    teacher.unet.requires_grad_(True)
-    teacher.text_encoder.requires_grad_(True)
-    return teacher.tokenizer, teacher.vae, teacher.unet, teacher.text_encoder
+    if teacher.family is not family:
+        raise SystemExit(f"--init {init} is an {teacher.family.name} teacher; give --family {teacher.family.name}")
+    for module in (teacher.unet, *teacher.text_encoders):
+        module.requires_grad_(True)
+    return teacher.tokenizers, teacher.vae, teacher.unet, teacher.text_encoders
 
 
-def load_tokenizer():
+def load_tokenizers(family):
+    """The family's shipped CLIP tokenizers."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    return tuple(CLIPTokenizer.from_pretrained(str(family.assets / name)) for name in family.tokenizers)
+
+
+def size_augmented(images, generator, low_res=(32, 48), crop_min=40):
+    """SDXL's size conditioning on the pool: (images, sizes [N, 6] as training.data.images.crop_sizes gives them).
+    The first quarter (in a seeded order) is upscaled from a low-resolution original (told that original size), the
+    second quarter is a random crop of at least crop_min px upscaled to 64 (told the crop offset in the upscaled
+    image), the rest as rendered."""
+    count, side = len(images), scenes.SIZE
+    images, sizes = images.clone(), square_sizes(side, side, count)
+    order = torch.randperm(count, generator=generator)
+    for i in order[: count // 4].tolist():
+        small = low_res[i % len(low_res)]
+        down = F.interpolate(images[i : i + 1].float(), size=(small, small), mode="area")
+        images[i] = F.interpolate(down, size=(side, side), mode="bicubic").round().clamp(0, 255).to(images.dtype)[0]
+        sizes[i, :2] = small
+    for i in order[count // 4 : count // 2].tolist():
+        crop = int(torch.randint(crop_min, side, (1,), generator=generator))
+        top, left = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=generator))
+        window = images[i : i + 1, :, top : top + crop, left : left + crop].float()
+        images[i] = F.interpolate(window, size=(side, side), mode="bicubic").round().clamp(0, 255).to(images.dtype)[0]
+        sizes[i, 2:4] = torch.tensor([top, left]) * side // crop
+    return images, sizes
 
 
 def to_pixels(images):
@@ -227,31 +285,36 @@ def encode_pool(vae, images, batch=256):
     return mean, std, 1.0 / sampled.std().item()
 
 
-def train_unet(unet, text_encoder, latents, ids, empty_ids, seconds, max_steps, batch, lr, seed=0):
-    """Phase 2: SD's epsilon loss (min-SNR-5 weighted) on SD's schedule; UNet and text encoder together, with EMA."""
-    mean, std, scale = latents
+def train_unet(unet, encoders, family, latents, ids, empty_ids, seconds, max_steps, batch, lr, seed=0):
+    """Phase 2: SD's epsilon loss (min-SNR-5 weighted) on SD's schedule; UNet and text encoders together, with EMA.
+    latents: (mean, std, scale, sizes) of the pool; ids / empty_ids: per tokenizer, the captions' and the empty
+    caption's token ids. A dropped caption is the family's unconditional embedding (SD1.5: the empty caption's,
+    SDXL: zeros); the UNet sees the family's conditioning (SDXL: pooled embedding and size time ids)."""
+    mean, std, scale, sizes = latents
     generator = torch.Generator().manual_seed(seed + 1)
     ab = alphas_cumprod().float()
     snr = ab / (1 - ab)
     weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-    params = [p for module in (unet, text_encoder) for p in module.parameters()]
+    params = [p for module in (unet, *encoders) for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in params]
-    unet.train()
-    text_encoder.train()
+    for module in (unet, *encoders):
+        module.train()
 
     def step(index, frac):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, frac, 0.02, index, 200)
         pick = torch.randint(0, len(mean), (batch,), generator=generator)
         z0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=generator)) * scale
-        tokens = ids[pick].clone()
-        tokens[torch.rand(batch, generator=generator) < CAPTION_DROPOUT] = empty_ids
+        drop = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
         t = torch.randint(0, len(ab), (batch,), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         a = ab[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        prediction = unet(zt, t, text_encoder(tokens)[0]).sample
+        cond = encode_tokens(family, encoders, [tokens[pick] for tokens in ids])
+        uncond = family.uncond(encode_tokens(family, encoders, [empty[None] for empty in empty_ids]))
+        cond = family.conditioned(cond.where(drop, uncond.like(cond)), sizes[pick])
+        prediction = unet(zt, t, **cond.unet_kwargs()).sample
         loss = (weights[t] * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,36 +329,32 @@ def train_unet(unet, text_encoder, latents, ids, empty_ids, seconds, max_steps, 
     with torch.no_grad():
         for param, average in zip(params, ema):
             param.copy_(average)
-    unet.eval()
-    text_encoder.eval()
+    for module in (unet, *encoders):
+        module.eval()
     return losses, elapsed
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet):
-    """The StableDiffusionPipeline of the three models, with SD1.5's scheduler config (PNDM, as SD1.5 ships)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def build_pipeline(family, vae, encoders, tokenizers, unet):
+    """The family's pipeline of the models, with its shipped scheduler config (SD1.5: PNDM, SDXL: Euler, as they
+    ship)."""
+    import diffusers
 
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_pretrained(str(ASSETS / "scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    folder = family.assets / "scheduler"
+    scheduler_class = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
+    scheduler = getattr(diffusers, scheduler_class).from_pretrained(str(folder))
+    return family_pipeline(family, vae, unet, encoders, tokenizers, scheduler)
 
 
-def save(out, pipe, readme, prompts=PROMPTS):
+def save(out, pipe, family, readme, prompts=PROMPTS):
     """Write the pipeline in fp16 (the files themselves, no variant), prompts.txt and README.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16)
     pipe.save_pretrained(str(out), safe_serialization=True)
     pipe.to(torch.float32)
-    shutil.rmtree(out / "tokenizer")  # transformers writes a 3.6 MB tokenizer.json: ship SD1.5's own files instead
-    shutil.copytree(ASSETS / "tokenizer", out / "tokenizer")
+    for name in family.tokenizers:  # transformers writes a 3.6 MB tokenizer.json: ship the family's own files instead
+        shutil.rmtree(out / name)
+        shutil.copytree(family.assets / name, out / name)
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (out / "README.md").write_text(readme, encoding="utf-8")
     return out
@@ -333,47 +392,64 @@ def folder_mb(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
+SCHEDULE = "scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction"
+XL_TEXT = """
+- SDXL-family conditioning: the two text models' penultimate hidden states concatenated ({dims}), the second's
+  projected pooled output and the size time ids (original size, crop top-left, target size) as the UNet's text-time
+  added conditioning (time embedding {time_dim} per id); dropped captions are zeros, as SDXL's empty prompt. A quarter
+  of the pool was shown upscaled from a 32 or 48 px original and a quarter as random crops (at least 40 px, upscaled),
+  each told its original size or crop offset, as SDXL's training records them; samples ask for uncropped 64 px."""
+
+
 def describe(args, size, models, phases, scale, mb):
     """README.md of the saved folder: how it was made, and how it ended."""
+    family = FAMILIES[args.family]
     (vae_losses, vae_s), (unet_losses, unet_s) = phases
     tail = lambda losses: f"{np.mean(losses[-200:]):.4f}" if losses else "n/a"  # noqa: E731
     counts = ", ".join(f"{name} {param_count(module) / 1e6:.2f} M" for name, module in models.items())
     command = f"python -m experiments.world.teacher --out {args.out} --minutes {args.minutes:g} --lr {args.lr:g}"
-    command += f" --seed {args.seed} --world {args.world}" + (f" --init {args.init}" if args.init else "")
+    command += f" --seed {args.seed} --world {args.world} --family {args.family}"
+    command += f" --init {args.init}" if args.init else ""
+    command += f" --vae-from {args.vae_from}" if args.vae_from else ""
     command += " --quick" if args.quick else ""
     vae_text = (
         f"(1 / std of sampled latents over the pool); {len(vae_losses)} steps at batch {size['vae_batch']} in\n"
         f"  {vae_s / 60:.1f} min, L1 + MSE + {KL_WEIGHT:g} KL per latent element; final loss {tail(vae_losses)}."
     )
-    prompts_text = "validation captions for `--teacher demo` grids"
+    demo = "demo" if args.family == "sd15" else "demo-xl"
+    prompts_text = f"validation captions for `--teacher {demo}` grids"
     if args.world != "shapes":
         prompts_text = f"validation captions: the first {len(PROMPTS)} of the pool's {args.world} captions"
+    if args.init or args.vae_from:
+        vae_text = f"(and the VAE itself) taken from `{args.init or args.vae_from}`, not trained here."
     if args.init:
-        vae_text = f"(and the VAE itself) kept from `{args.init}`, not trained here."
         title = f"{args.world.capitalize()}-world teacher"
         origin = f"fine-tuned from the teacher in `{args.init}` (its VAE kept) on the {args.world} world's captions"
     else:
-        title, origin = "Shapes-world demo teacher", (
-            "trained from scratch on the procedural shapes world; the teacher of "
-            "`python -m training.distill --teacher demo`"
-        )
+        title, origin = f"Shapes-world {demo} teacher", "trained from scratch on the procedural shapes world"
+        origin += f" (its VAE taken from `{args.vae_from}`)" if args.vae_from else ""
+        origin += f"; the teacher of `python -m training.distill --teacher {demo}`"
+    vae_channels = tuple(models["vae"].config.block_out_channels)
+    dims = size["text_dims"][family.name]
+    encoders = " and ".join(f"{size['text_layers']} layers x {dim}" for dim in dims)
+    xl = XL_TEXT.format(dims=" + ".join(map(str, dims)), time_dim=size["time_dim"]) if family.time_ids else ""
     return f"""# {title}
 
-A tiny SD1.5-family pipeline (diffusers folder, fp16), {origin} (`training/data/scenes.py`, 64 px).
-SD1.5's CLIP tokenizer and noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction).
+A tiny {family.core.display_name}-family pipeline (diffusers folder, fp16), {origin} (`training/data/scenes.py`, 64 px).
+{family.core.display_name}'s CLIP tokenizer{"s" * (len(dims) > 1)} and noise schedule ({SCHEDULE}).
 
 Made by `{command}` (`torch.set_num_threads({torch.get_num_threads()})`).
 
 - Parameters: {counts}; {mb:.1f} MB on disk.
-- VAE: block_out_channels {size["vae_channels"]}, 16x16x4 latents at 64 px, scaling_factor {scale:.4f}
+- VAE: block_out_channels {vae_channels}, 16x16x4 latents at 64 px, scaling_factor {scale:.4f}
   {vae_text}
 - UNet: block_out_channels {size["unet_channels"]}, cross-attention at 8x8 and 4x4, {size["heads"]} heads;
-  CLIP text model {size["text_layers"]} layers x {size["text_dim"]}. Trained together on the pre-encoded pool
+  CLIP text model{"s" * (len(dims) > 1)} {encoders}. Trained together on the pre-encoded pool
   ({size["pool"]} images, seed {args.seed}) for {len(unet_losses)} steps at batch {size["unet_batch"]} in
   {unet_s / 60:.1f} min: epsilon loss with min-SNR-{MIN_SNR_GAMMA:g} weights, {CAPTION_DROPOUT:.0%} empty
   captions, AdamW lr {args.lr:g} (warmup, cosine over the time budget), EMA {EMA_DECAY} of the weights saved;
   final loss (mean of the last 200 steps) {tail(unet_losses)}.
-- `prompts.txt`: {prompts_text}.
+- `prompts.txt`: {prompts_text}.{xl}
 """
 
 
@@ -388,7 +464,11 @@ def main(argv=None):
     parser.add_argument("--grid", help="only draw a sample grid of --out's prompts.txt to this PNG, then exit")
     parser.add_argument("--world", default="shapes", choices=scenes.WORLDS, help="whose captions to train on")
     parser.add_argument("--init", default=None, metavar="FOLDER", help="start from this saved teacher: keep its VAE "
-                        "(no phase 1), train its UNet and text encoder further")
+                        "(no phase 1), train its UNet and text encoders further")
+    parser.add_argument("--vae-from", default=None, metavar="FOLDER", help="take the VAE (and latent scale) of this "
+                        "saved teacher instead of training one (no phase 1): the demo-xl teacher shares the demo's")
+    parser.add_argument("--family", default="sd15", choices=sorted(FAMILIES), help="the teacher's model family "
+                        "(sdxl: the demo-xl teacher, training/assets/demo_xl)")
     args = parser.parse_args(argv)
     if args.grid:
         print(sample_grid(args.out, args.grid))
@@ -405,16 +485,19 @@ def main(argv=None):
     seconds = None if args.quick else args.minutes * 60
     started = time.monotonic()
 
-    tokenizer, vae, unet, text_encoder = initial_models(args.init, size)
-    models = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    family = FAMILIES[args.family]
+    tokenizers, vae, unet, encoders = initial_models(args.init, size, family, args.vae_from)
+    models = {"vae": vae, "unet": unet, **dict(zip(family.text_encoders, encoders))}
     total = sum(param_count(m) for m in models.values())
     print(", ".join(f"{k} {param_count(m) / 1e6:.2f} M" for k, m in models.items()), f"({2 * total / 1e6:.1f} MB fp16)")
 
     images, drawn = scenes.sample_batch(size["pool"], args.seed, processes=2)
     captions = [scenes.caption_of(scene, i, args.seed, args.world) for i, scene in enumerate(drawn)]
     print(f"rendered {len(captions)} images, {len(set(captions))} distinct {args.world} captions", flush=True)
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    images, sizes = size_augmented(images, generator) if family.time_ids else (images, None)
     remaining = lambda: None if seconds is None else max(1.0, seconds - (time.monotonic() - started))  # noqa: E731
-    if args.init:
+    if args.init or args.vae_from:
         vae_phase = ([], 0.0)
         latents = (*encode_pool(vae, images)[:2], vae.config.scaling_factor)  # the UNet was trained at this scale
     else:
@@ -422,18 +505,20 @@ def main(argv=None):
             vae, images, seconds and VAE_FRACTION * seconds, max_steps, size["vae_batch"], seed=args.seed
         )
         latents = encode_pool(vae, images)
+    latents = (*latents, square_sizes(scenes.SIZE, scenes.SIZE, len(images)) if sizes is None else sizes)
     vae.requires_grad_(False)
     vae.register_to_config(scaling_factor=latents[2])
     print(f"scaling_factor {latents[2]:.4f}; latent mean {latents[0].mean():.3f}", flush=True)
     del images
 
-    ids = tokenize(tokenizer, captions)
-    empty_ids = tokenize(tokenizer, [""])[0]
+    ids = [tokenize(tokenizer, captions) for tokenizer in tokenizers]
+    empty_ids = [tokenize(tokenizer, [""])[0] for tokenizer in tokenizers]
     unet_phase = train_unet(
-        unet, text_encoder, latents, ids, empty_ids, remaining(), max_steps, size["unet_batch"], args.lr, args.seed
+        unet, encoders, family, latents, ids, empty_ids, remaining(), max_steps, size["unet_batch"], args.lr,
+        args.seed,
     )
-    pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
-    save(args.out, pipe, "", PROMPTS if args.world == "shapes" else captions[: len(PROMPTS)])
+    pipe = build_pipeline(family, vae, encoders, tokenizers, unet)
+    save(args.out, pipe, family, "", PROMPTS if args.world == "shapes" else captions[: len(PROMPTS)])
     readme = describe(args, size, models, (vae_phase, unet_phase), latents[2], folder_mb(args.out))
     (Path(args.out) / "README.md").write_text(readme, encoding="utf-8")
     print(readme)

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 from training.config import DistillConfig
-from training.models.teacher import ASSETS
+from training.models.family import SD15, SDXL
 
+ASSETS = SD15.assets
 TINY_VERSION = "tiny-sd-v1"
+TINY_XL_VERSION = "tiny-sdxl-v1"
 
 
 @pytest.fixture(autouse=True)
@@ -33,25 +35,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def build_tiny_pipeline(folder):
-    """A random tiny SD-family pipeline (UNet 2 levels, VAE x2, 2-layer CLIP) saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_vae():
+    """A tiny AutoencoderKL: 2 levels, 4 latent channels, latents at 1/2 the pixel size."""
+    from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -62,19 +50,53 @@ def build_tiny_pipeline(folder):
         norm_num_groups=8,
         sample_size=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+
+
+def tiny_clip_config(**extra):
+    """A 2-layer, 32-wide CLIP text config over CLIP's vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **extra,
     )
+
+
+def save_atomically(pipe, folder):
+    """save_pretrained into folder.tmp, then rename: a killed build leaves no half folder."""
+    tmp = Path(str(folder) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp))
+    tmp.rename(folder)
+
+
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 norm_num_groups=8)  # both tiny UNets: 2 levels at 8x8 latents
+
+
+def build_tiny_pipeline(folder):
+    """A random tiny SD-family pipeline (UNet 2 levels, VAE x2, 2-layer CLIP) saved as a diffusers folder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        **TINY_UNET,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_clip_config())
     tokenizer = CLIPTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
     scheduler = DDIMScheduler.from_pretrained(str(ASSETS / "scheduler"))
     pipe = StableDiffusionPipeline(
@@ -87,20 +109,90 @@ def build_tiny_pipeline(folder):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = Path(str(folder) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp))
-    tmp.rename(folder)
+    save_atomically(pipe, folder)
+
+
+TINY_TIME_DIM = 8  # addition_time_embed_dim of the tiny SDXL UNet: 6 time ids x 8 + the 32-wide pooled embedding
+
+
+def tiny_sdxl_unet():
+    """A tiny SDXL-architecture UNet: a plain first level, cross-attention (depth 2) at the second, text-time added
+    conditioning (6 size ids + a pooled embedding), linear projections; cross-attention 64 = two 32-wide encoders."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        **TINY_UNET,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_TIME_DIM + 32,
+    )
+
+
+def build_tiny_sdxl_pipeline(folder):
+    """A random tiny SDXL-family pipeline (tiny_sdxl_unet, VAE x2, a 2-layer CLIP and a 2-layer CLIP with a 32-wide
+    projection, SDXL's shipped tokenizers and scheduler) saved as a diffusers folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(tiny_clip_config()),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(projection_dim=32)),
+        tokenizer=CLIPTokenizer.from_pretrained(str(SDXL.assets / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(SDXL.assets / "tokenizer_2")),
+        unet=tiny_sdxl_unet(),
+        scheduler=EulerDiscreteScheduler.from_pretrained(str(SDXL.assets / "scheduler")),
+        add_watermarker=False,
+    )
+    save_atomically(pipe, folder)
+
+
+def cached_build(cache_dir, version, build):
+    """cache_dir/version, built once by build(folder)."""
+    folder = cache_dir / version
+    if not (folder / "model_index.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        build(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(cache_dir):
-    """Path of the cached tiny diffusers pipeline (built once)."""
-    folder = cache_dir / TINY_VERSION
-    if not (folder / "model_index.json").is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        build_tiny_pipeline(folder)
-    return folder
+    """Path of the cached tiny SD1.5-family diffusers pipeline (built once)."""
+    return cached_build(cache_dir, TINY_VERSION, build_tiny_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_teacher(cache_dir):
+    """Path of the cached tiny SDXL-family diffusers pipeline (built once)."""
+    return cached_build(cache_dir, TINY_XL_VERSION, build_tiny_sdxl_pipeline)
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def family_teacher(request):
+    """The tiny teacher of each family in turn: a test that takes it runs on both."""
+    return request.getfixturevalue({"sd15": "tiny_teacher", "sdxl": "tiny_xl_teacher"}[request.param])
+
+
+def assert_same_conditioning(a, b, **tolerances):
+    """Two Conditionings hold the same tensors (torch.testing.assert_close with `tolerances`), None where None."""
+    for name in ("states", "pooled", "time_ids"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            torch.testing.assert_close(x, y, msg=name, **tolerances)
+
+
+@pytest.fixture
+def same_conditioning():
+    return assert_same_conditioning
 
 
 def write_images(folder, n, size=20, seed=0):

@@ -15,6 +15,7 @@ from training.export import metadata
 from training.loop import build, step_generator, train
 from training.memory import count_flops
 from training.models.adapters import STUDENT, adapter_params
+from training.models.family import SD15
 from training.step import StepPlan, adv_weight_at, draw, peak_step, scott_backward, step_plan
 
 from .test_discriminator import checkpoint_tensors, student_and_disc
@@ -59,9 +60,9 @@ def test_save_steps_are_checked_and_parsed():
 
 
 def test_metadata_names_the_schedule_of_adversarial_runs_only():
-    meta = metadata(config(**{"--adv-decay-steps": 300, "--disc-every": 2}), "base", "0" * 64)
+    meta = metadata(config(**{"--adv-decay-steps": 300, "--disc-every": 2}), SD15, "base", "0" * 64)
     assert (meta["scott.adv_decay_steps"], meta["scott.disc_every"]) == ("300", "2")
-    lcm = metadata(config(**{"--mode": "lcm"}), "base", "0" * 64)
+    lcm = metadata(config(**{"--mode": "lcm"}), SD15, "base", "0" * 64)
     assert not {"scott.adv_decay_steps", "scott.disc_every"} & set(lcm)
 
 

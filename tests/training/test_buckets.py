@@ -2,6 +2,7 @@
 resized sizes, small images upscaled or (--no-bucket-upscale) skipped and named, one bucket a batch, seeded order that
 survives resume, ranks without overlap, the run-start report, a changed setting refused on resume."""
 
+import itertools
 import json
 import logging
 
@@ -14,16 +15,18 @@ from training.config import DistillConfig
 from training.data.buckets import (
     BucketRules,
     bucket_batch_indices,
+    bucket_of,
     bucket_rules,
     bucket_sizes,
     cover_size,
     nearest_bucket,
 )
-from training.data.images import PairDataset
+from training.data.images import PairDataset, crop_sizes
 from training.data.skips import SMALL_BUCKET, TOO_SMALL, Skip
 from training.distill import main
+from training.encode import batch_latents
 from training.errors import DataError, UserError
-from training.loop import train
+from training.loop import build, data_batches, train
 
 # kohya-ss/sd-scripts at commit 48d368fa557731ad0488c07304dfeba8c07910eb, library/model_util.py:
 # make_bucket_resolutions((R, R), min_size=256, max_size=1024, divisible=64), its output at R = 512, 768, 1024 (the
@@ -202,10 +205,11 @@ BUCKET_RUN = dict(resolution=128, buckets=True, min_bucket_reso=64, bucket_upsca
                   checkpoint_every=1)
 
 
-def test_a_bucketed_run_reports_its_buckets_and_skips_and_resumes_exactly(tiny_teacher, tmp_path, tiny_config,
+def test_a_bucketed_run_reports_its_buckets_and_skips_and_resumes_exactly(family_teacher, tmp_path, tiny_config,
                                                                            caplog):
     data = bucket_data(tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
+    tiny_teacher = family_teacher
     with caplog.at_level(logging.INFO, logger="training"):
         train(tiny_config(tiny_teacher, data, straight, max_steps=2, **BUCKET_RUN))
     assert "images per bucket (width x height): 64x192: 4, 128x128: 2, 192x64: 4, 256x64: 1" in caplog.text
@@ -278,3 +282,20 @@ def test_only_the_users_images_are_bucketed(data, bucketed):
 
     assert uses_buckets(DistillConfig(teacher="t", data=data, resolution=64).resolved()) is bucketed
     assert not uses_buckets(DistillConfig(teacher="t", data=data, resolution=64, buckets=False).resolved())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bucketed_sdxl_batches_carry_each_images_original_size_and_crop(tiny_xl_teacher, tmp_path, tiny_config, cache):
+    # 5:2 images in the 3:1 buckets (resized to 192 x 77, 6 rows cropped off the top), squares uncropped
+    data = write_sized(tmp_path / "data", [(250, 100)] * 2 + [(100, 250)] * 2 + [(200, 200)] * 2)
+    run = build(tiny_config(tiny_xl_teacher, data, tmp_path / "out", cache_latents=cache, **BUCKET_RUN))
+    seen, crops = 0, set()
+    for batch in itertools.islice(data_batches(run, 0), 6):
+        z0, cond = batch_latents(run, batch, torch.Generator().manual_seed(0))
+        for caption, time_ids in zip(batch["captions"], cond.time_ids.tolist()):
+            width, height = (int(v) for v in caption.rsplit(" ", 1)[1].split("x"))  # "image 3 of 300x100"
+            bucket = bucket_of((width, height), 128, bucket_rules(run.cfg))
+            assert time_ids == crop_sizes((width, height), *bucket).tolist()  # original h, w, crop, target h, w
+            assert z0.shape[2:] == (bucket[1] // 2, bucket[0] // 2)
+            seen, crops = seen + 1, crops | {tuple(time_ids)}
+    assert seen == 12 and crops == {(100, 250, 6, 0, 64, 192), (250, 100, 0, 6, 192, 64), (200, 200, 0, 0, 128, 128)}

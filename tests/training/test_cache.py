@@ -21,6 +21,8 @@ from training.data.skips import IO_ERROR, Skip, Skipped
 from training.encode import batch_latents
 from training.errors import DataError
 from training.loop import build, train
+from training.models.conditioning import Conditioning
+from training.models.teacher import encode_captions
 
 
 def test_shards_split_the_keys_with_no_overlap_and_no_gap():
@@ -35,7 +37,7 @@ def fake_encoders():
     """Encoders that need no model: mean = pixel means, std = 1, hidden = caption length."""
     return Encoders(
         latents=lambda pixels: (pixels[:, :, ::2, ::2].mean(1, keepdim=True), torch.ones(len(pixels), 1, 8, 8)),
-        text=lambda captions: torch.tensor([[float(len(c))] * 4 for c in captions]),
+        text=lambda captions: Conditioning(torch.tensor([[[float(len(c))] * 4] for c in captions])),
     )
 
 
@@ -135,9 +137,9 @@ def test_a_changed_image_or_caption_is_reencoded(tiny_teacher, tiny_data, tmp_pa
     # Encoded in a batch of 2, here alone: equal to float rounding (the old image's entry is a different latent).
     torch.testing.assert_close(served["mean"], run.teacher.vae.encode(pixels).latent_dist.mean[0], rtol=1e-5, atol=1e-6)
     assert run.dataset[5]["caption"] == "a changed caption"
-    ids = run.teacher.tokenizer(["a changed caption"], padding="max_length", max_length=77, return_tensors="pt")
-    hidden = run.teacher.text_encoder(ids.input_ids)[0][0]
-    torch.testing.assert_close(run.dataset[5]["cond"], hidden, rtol=1e-5, atol=1e-6)
+    ids = run.teacher.tokenizers[0](["a changed caption"], padding="max_length", max_length=77, return_tensors="pt")
+    (encoder,) = run.teacher.text_encoders
+    torch.testing.assert_close(run.dataset[5]["cond"].states, encoder(ids.input_ids)[0][0], rtol=1e-5, atol=1e-6)
 
 
 def test_a_corrupt_entry_is_recomputed_with_a_warning(tiny_teacher, tiny_data, tmp_path, tiny_config, monkeypatch,
@@ -175,8 +177,9 @@ def test_a_killed_fill_keeps_its_finished_entries(tiny_teacher, tiny_data, tmp_p
     assert (counts.images, counts.captions) == (8 - 2, 9)  # the first batch of 2 was finished, the second is redone
 
 
-def test_the_cached_z0_and_captions_equal_the_encoded_ones(tiny_teacher, tiny_data, tmp_path, tiny_config):
-    run = build(tiny_config(tiny_teacher, tiny_data, tmp_path / "out", mixed_precision="bf16"))
+def test_the_cached_z0_and_captions_equal_the_encoded_ones(family_teacher, tiny_data, tmp_path, tiny_config,
+                                                           same_conditioning):
+    run = build(tiny_config(family_teacher, tiny_data, tmp_path / "out", mixed_precision="bf16"))
     assert run.teacher.vae.dtype == torch.bfloat16  # the cache stores what the bf16 VAE gives, as training used
     indices = [6, 1, 4]
     cached = run.dataset.collate([run.dataset[i] for i in indices])
@@ -185,7 +188,12 @@ def test_the_cached_z0_and_captions_equal_the_encoded_ones(tiny_teacher, tiny_da
     z_encoded, c_encoded = batch_latents(run, encoded, torch.Generator().manual_seed(11))
     assert z_cached.dtype == z_encoded.dtype == torch.float32 and z_cached.shape == (3, 4, 8, 8)
     torch.testing.assert_close(z_cached, z_encoded, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(c_cached, c_encoded, rtol=0, atol=0)
+    same_conditioning(c_cached, c_encoded, rtol=0, atol=0)
+    # SDXL: the pooled embedding is cached too and the time ids are the images' sizes (20 px, resized to 16)
+    expected = encode_captions(run.teacher, encoded["captions"]).float()
+    same_conditioning(c_cached, run.teacher.family.conditioned(expected, encoded["sizes"]), rtol=0, atol=0)
+    if run.teacher.family.time_ids:
+        assert c_cached.time_ids.tolist() == [[20, 20, 0, 0, 16, 16]] * 3 and c_cached.pooled.shape == (3, 32)
     z_other, _ = batch_latents(run, cached, torch.Generator().manual_seed(12))
     assert (z_other - z_cached).abs().max() > 1e-3  # the latent is drawn from mean and std each time
 

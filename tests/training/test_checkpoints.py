@@ -18,11 +18,11 @@ def assert_same_tensors(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_continues_exactly(tiny_teacher, tiny_data, tmp_path, tiny_config):
+def test_resume_continues_exactly(family_teacher, tiny_data, tmp_path, tiny_config):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(tiny_config(tiny_teacher, tiny_data, straight, max_steps=4, checkpoint_every=2))
-    train(tiny_config(tiny_teacher, tiny_data, split, max_steps=2, checkpoint_every=2))
-    train(tiny_config(tiny_teacher, tiny_data, split, max_steps=4, checkpoint_every=2, resume="latest"))
+    train(tiny_config(family_teacher, tiny_data, straight, max_steps=4, checkpoint_every=2))
+    train(tiny_config(family_teacher, tiny_data, split, max_steps=2, checkpoint_every=2))
+    train(tiny_config(family_teacher, tiny_data, split, max_steps=4, checkpoint_every=2, resume="latest"))
     final = lora_tensors(straight, 4)
     assert_same_tensors(final, lora_tensors(split, 4))
     # Training really moved the student (so the equality above is not trivial), and the EMA target follows it.

@@ -112,23 +112,35 @@ class Exploit:
         return (Path.touch, (Path(self.marker),))
 
 
-def sd_keys(**extra):
+def sd_keys(channels=(320, 4), xl=False, **extra):
+    """The keys a single file is detected from: the UNet's first conv (out, in channels) and SDXL's text encoders."""
     unet = "model.diffusion_model."
-    return {f"{unet}input_blocks.0.0.weight": torch.zeros(2, 4, 1, 1), **extra}
+    xl_keys = {"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)} if xl else {}
+    return {f"{unet}input_blocks.0.0.weight": torch.zeros(*channels, 1, 1), **xl_keys, **extra}
 
 
-BAD_TEACHERS = {
-    "sdxl.safetensors": (
-        sd_keys(**{"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}),
-        "is an SDXL checkpoint",
+SUPPORTED = "this trainer distills eps-prediction SD1.5- and SDXL-family models"
+MARKER = torch.zeros(0)
+BAD_TEACHERS = {  # file -> (its tensors, what the one line says it is): the family table's refusals
+    "sd2.safetensors": (sd_keys(**{"cond_stage_model.model.ln_final.weight": torch.zeros(2)}), "is SD2.x (sd2)"),
+    "inpaint.safetensors": (sd_keys((320, 9)), "is an SD1.5 inpainting model, 9 input channels (sd15_inpaint)"),
+    "xl_inpaint.safetensors": (
+        sd_keys((320, 9), xl=True), "is an SDXL inpainting model, 9 input channels (sdxl_inpaint)"
     ),
-    "sd2.safetensors": (
-        sd_keys(**{"cond_stage_model.model.ln_final.weight": torch.zeros(2)}),
-        "is an SD2.x checkpoint",
+    "refiner.safetensors": (
+        sd_keys((384, 4), xl=True), "is the SDXL refiner, a second-stage model (sdxl_refiner)"
     ),
-    "inpaint.safetensors": (
-        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 9, 1, 1)},
-        "is an inpainting checkpoint",
+    "ip2p.safetensors": (
+        sd_keys((320, 8), xl=True), "is an SDXL InstructPix2Pix model, 8 input channels (sdxl_instructpix2pix)"
+    ),
+    "vpred.safetensors": (
+        sd_keys(xl=True, v_pred=MARKER, ztsnr=MARKER),
+        "is a v-prediction SDXL fine-tune such as NoobAI's v-pred line, zero terminal SNR (sdxl_vpred)",
+    ),
+    "edm.safetensors": (sd_keys(xl=True, edm_mean=MARKER, edm_std=MARKER), "is Playground v2.5, EDM (playground_v2.5)"),
+    "cosxl.safetensors": (
+        sd_keys(xl=True, **{"edm_vpred.sigma_max": MARKER}),
+        "is a v-prediction EDM SDXL model such as CosXL (sdxl_vpred_edm)",
     ),
     "vae.safetensors": ({"encoder.conv_in.weight": torch.zeros(2)}, "is not a Stable Diffusion checkpoint"),
     "lora.safetensors": (
@@ -147,7 +159,8 @@ def test_wrong_kind_of_teacher_is_named(tmp_path, tiny_data, capsys, name):
         == 2
     )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: teacher") and message in err and len(err.splitlines()) == 1
+    assert err.startswith(f"error: teacher {tmp_path / name} {message}") and len(err.splitlines()) == 1
+    assert name in ("vae.safetensors", "lora.safetensors") or err.endswith(f"; {SUPPORTED}")
 
 
 def test_pickle_checkpoint_is_refused_and_never_opened(tmp_path, tiny_data, capsys):
@@ -187,7 +200,7 @@ def test_data_and_flag_mistakes(tmp_path, tiny_teacher, tiny_args, capsys):
 
 
 def test_module_entry_point_exits_non_zero_with_one_line(tmp_path, tiny_data):
-    save_file(*BAD_TEACHERS["sdxl.safetensors"][:1], str(tmp_path / "xl.safetensors"))
+    save_file(*BAD_TEACHERS["refiner.safetensors"][:1], str(tmp_path / "xl.safetensors"))
     result = subprocess.run(
         [
             sys.executable,
@@ -205,8 +218,8 @@ def test_module_entry_point_exits_non_zero_with_one_line(tmp_path, tiny_data):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: teacher {tmp_path / 'xl.safetensors'} is an SDXL checkpoint; "
-        "this trainer distills SD1.5-family models only"
+        f"error: teacher {tmp_path / 'xl.safetensors'} is the SDXL refiner, a second-stage model (sdxl_refiner); "
+        + SUPPORTED
     ]
 
 

@@ -6,12 +6,13 @@ import json
 import re
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from training.data import images as images_module
-from training.data.images import PairDataset, batch_indices, collate, resize_center_crop
+from training.data.images import PairDataset, batch_indices, collate, crop_sizes, resize_center_crop
 from training.data.skips import FILE_MISSING, NO_CAPTION, NO_IMAGE, NOT_LISTED, UNREADABLE, Skip
 from training.errors import DataError
 
@@ -22,9 +23,10 @@ def test_folder_with_txt_captions_names_the_uncaptioned(tmp_path, images):
     dataset = PairDataset(folder, 16)
     assert len(dataset) == 3
     assert dataset.skips == [Skip(str(folder / "img001.png"), NO_CAPTION, "no img001.txt")]
-    pixels, caption = dataset[0]
+    pixels, caption, sizes = dataset[0]
     assert pixels.shape == (3, 16, 16) and -1 <= pixels.min() and pixels.max() <= 1
     assert caption == "a picture number 0"
+    assert sizes.tolist() == [20, 20, 0, 0, 16, 16]  # original h, w, crop top, left, target h, w
 
 
 def test_an_image_with_an_unreadable_header_is_named_at_the_start(tmp_path, images):
@@ -114,7 +116,7 @@ def test_webdataset_shards_with_brace_pattern_name_samples_without_caption_or_im
         Skip(f"{shards[0]}:d", NO_IMAGE, "the sample has no image member"),
         Skip(f"{shards[1]}:e.png", NO_CAPTION, 'e.json has no "caption" or "text"'),
     ]
-    (red, cap_red), (blue, cap_blue) = dataset[0], dataset[1]
+    (red, cap_red, _), (blue, cap_blue, _) = dataset[0], dataset[1]
     assert (cap_red, cap_blue) == ("red", "blue")
     assert red[0].mean() > 0.9 and red[2].mean() < -0.9 and blue[2].mean() > 0.9
 
@@ -160,6 +162,22 @@ def test_resize_center_crop_keeps_the_centre():
     image.paste((255, 255, 255), (5, 0, 35, 20))  # white around the centre square, black at the sides
     pixels = resize_center_crop(image, 10)
     assert pixels.shape == (3, 10, 10) and pixels.min() > 0.9
+
+
+@pytest.mark.parametrize("size, target", [((40, 20), (10, 10)), ((30, 90), (16, 24)), ((64, 48), (32, 32))])
+def test_crop_sizes_name_where_the_crop_was_taken(size, target):
+    generator = torch.Generator().manual_seed(1)
+    noise = (torch.rand(size[1], size[0], 3, generator=generator) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(noise)
+    original_h, original_w, top, left, height, width = crop_sizes(size, *target).tolist()
+    assert (original_h, original_w, height, width) == (size[1], size[0], target[1], target[0])
+    # the reference: PIL's own resize to cover the target (the shorter side scaled to it), cropped at (left, top)
+    scale = max(target[0] / size[0], target[1] / size[1])
+    resized = image.resize((round(size[0] * scale), round(size[1] * scale)), Image.Resampling.BICUBIC)
+    expected = resized.crop((left, top, left + target[0], top + target[1]))
+    reference = torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(resize_center_crop(image, *target), reference)
+    assert (left, top) != (0, 0) or size[0] * target[1] == size[1] * target[0]  # a crop where the ratios differ
 
 
 def test_batches_split_ranks_and_resume_mid_epoch():

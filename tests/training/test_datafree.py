@@ -43,19 +43,19 @@ def captions(folder):
     return [p.read_text().strip() for p in sorted(folder.glob("*.txt"))]
 
 
-def test_no_data_draws_teacher_images_then_trains_on_them(tiny_teacher, tmp_path, tiny_args, monkeypatch):
+def test_no_data_draws_teacher_images_then_trains_on_them(family_teacher, tmp_path, tiny_args, monkeypatch):
     calls = counting_generator(monkeypatch)
     trained_on = []
     real_build = loop.build
     monkeypatch.setattr(loop, "build", lambda cfg: trained_on.append(real_build(cfg)) or trained_on[-1])
     out = tmp_path / "out"
-    assert main(datafree_argv(tiny_args, tiny_teacher, out)) == 0
+    assert main(datafree_argv(tiny_args, family_teacher, out)) == 0
     folder = out / "synth"
     assert captions(folder) == builtin_prompts()[:3] and len(calls) == 3
     assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert not list(folder.glob("*.tmp"))
     assert {pair.source for pair in trained_on[0].dataset.pairs} == {str(p) for p in folder.glob("*.png")}
-    assert (out / "tiny-sd-v1_scott_lora.safetensors").is_file()
+    assert (out / f"{family_teacher.name}_scott_lora.safetensors").is_file()
 
 
 def test_rerun_and_resume_draw_nothing_new(tiny_teacher, tmp_path, tiny_args, monkeypatch):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from scott_core import lora_format
 from training import config
 from training.cli import parse_config
 from training.config import DEMO_DEFAULTS
@@ -11,10 +12,12 @@ from training.errors import UserError
 
 @pytest.fixture
 def shipped_demo(tmp_path, monkeypatch):
-    """A stand-in demo folder (only its index matters to config resolution)."""
+    """A stand-in demo folder (only its index and UNet config matter to config resolution)."""
     folder = tmp_path / "demo"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text("{}")  # an SD1.5-family UNet config, as far as detection reads
     monkeypatch.setattr(config, "DEMO_TEACHER", folder)
     return folder
 
@@ -49,12 +52,29 @@ def test_world_data_renders_once_and_trains(tiny_teacher, tmp_path, tiny_args):
     assert (out / "tiny-sd-v1_lcm_lora.safetensors").is_file()
 
 
-def test_shipped_demo_teacher_runs_end_to_end(tmp_path):
-    if not (config.DEMO_TEACHER / "model_index.json").is_file():
-        pytest.skip("the demo teacher is not in this checkout (python -m experiments.world.teacher builds it)")
-    out = tmp_path / "demo"
-    argv = ["--teacher", "demo", "--output", str(out), "--data", "world:8", "--batch-size", "4", "--max-steps", "2",
+@pytest.mark.parametrize("demo", ["demo", "demo-xl"])
+def test_shipped_demo_teacher_runs_end_to_end(tmp_path, demo):
+    if not (config.demo_folder(demo) / "model_index.json").is_file():
+        pytest.skip(f"the {demo} teacher is not in this checkout (python -m experiments.world.teacher builds it)")
+    out = tmp_path / demo
+    argv = ["--teacher", demo, "--output", str(out), "--data", "world:8", "--batch-size", "4", "--max-steps", "2",
             "--checkpoint-every", "0", "--validate-every", "2"]
     assert main(argv) == 0
-    assert (out / "demo_scott_lora.safetensors").is_file()
+    meta = lora_format.read_safetensors(out / f"{demo}_scott_lora.safetensors")[1]
+    assert meta["ss_base_model_version"] == {"demo": "sd_v1", "demo-xl": "sdxl_base_v1-0"}[demo]
     assert (out / "validation" / "step_0000002.png").is_file()
+
+
+def test_demo_xl_takes_the_demo_defaults_and_its_own_prompts(tmp_path, monkeypatch):
+    folder = tmp_path / "demo_xl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "config.json").write_text('{"addition_embed_type": "text_time", "cross_attention_dim": 80}')
+    monkeypatch.setattr(config, "DEMO_XL_TEACHER", folder)
+    cfg = parse_config(["--teacher", "demo-xl"])
+    assert cfg.teacher == str(folder) and cfg.name == "demo-xl_scott_lora" and cfg.output == "runs/demo-xl"
+    assert (cfg.resolution, cfg.batch_size, cfg.max_steps, cfg.data) == (64, 16, 300, DEMO_DEFAULTS["data"])
+    assert cfg.validation_prompts == str(folder / "prompts.txt")
+    monkeypatch.setattr(config, "DEMO_XL_TEACHER", tmp_path / "nothing")
+    with pytest.raises(UserError, match="python -m experiments.world.teacher --out .* --family sdxl"):
+        parse_config(["--teacher", "demo-xl"])

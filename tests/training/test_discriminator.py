@@ -14,6 +14,7 @@ from training.encode import encode_images, encode_text
 from training.loop import build, step_generator, train, train_step
 from training.memory import count_flops
 from training.models.adapters import DISC, STUDENT, adapter_params, using
+from training.models.conditioning import Conditioning
 from training.models.discriminator import unet_features
 from training.step import draw, hinge_d_loss, pseudo_huber, pseudo_huber_grad, scott_backward
 
@@ -134,11 +135,11 @@ def manual_down_mid(unet, x, t, cond):
     h, features = unet.conv_in(x), []
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=cond)
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=cond.states)
         else:
             h, _ = block(hidden_states=h, temb=emb)
         features.append(h)
-    features.append(unet.mid_block(h, emb, encoder_hidden_states=cond))
+    features.append(unet.mid_block(h, emb, encoder_hidden_states=cond.states))
     return features
 
 
@@ -157,7 +158,7 @@ def test_down_mid_features_lora_and_head_are_the_down_and_mid_blocks(tiny_teache
         for p in adapter_params(unet, DISC).values():  # a non-zero disc LoRA, so "its adapter is on" shows
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([700, 50])
-    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    cond = Conditioning(torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2)))
     ran_up = []
     hooks = [b.register_forward_hook(lambda *_: ran_up.append(1)) for b in unet.up_blocks]
     with torch.no_grad(), using(unet, DISC):
@@ -178,7 +179,7 @@ def test_down_mid_features_lora_and_head_are_the_down_and_mid_blocks(tiny_teache
 
 def test_a_down_mid_disc_pass_costs_less_than_an_up_pass(tiny_teacher, tiny_data, tmp_path, tiny_config):
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([700, 50])
-    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    cond = Conditioning(torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2)))
     cost = {}
     for features in ("up", "down_mid"):
         _, model = disc_run(tiny_teacher, tiny_data, tmp_path, tiny_config, features)

@@ -27,13 +27,15 @@ def torchrun(*args, cwd=REPO):
     )
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_ranks_end_with_identical_lora_weights(tiny_teacher, tiny_data, tmp_path, accum):
+@pytest.mark.parametrize("family, accum", [("sd15", 1), ("sd15", 2), ("sdxl", 1)])
+def test_two_ranks_end_with_identical_lora_weights(family, accum, tiny_data, tmp_path, request):
     # accum 2: the first micro-batch's two backwards (disc, student) run under no_sync, the second's sync both.
+    # sdxl: the tiny SDXL teacher's conditioning (a dataclass of tensors) through DDP's forward.
+    teacher = request.getfixturevalue({"sd15": "tiny_teacher", "sdxl": "tiny_xl_teacher"}[family])
     out = tmp_path / "out"
     out.mkdir()
     result = torchrun(
-        str(Path(__file__).parent / "ddp_worker.py"), str(tiny_teacher), str(tiny_data), str(out), str(accum)
+        str(Path(__file__).parent / "ddp_worker.py"), str(teacher), str(tiny_data), str(out), str(accum)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -46,6 +48,42 @@ def test_two_ranks_end_with_identical_lora_weights(tiny_teacher, tiny_data, tmp_
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=1e-7, msg=key)
     moved = [k for k in ranks[0] if ".lora_B.student." in k and ranks[0][k].abs().max() > 0]
     assert moved  # the student was updated, so equality is not trivial
+
+
+def test_two_ranks_take_the_step_one_process_takes_on_both_ranks_batches(tiny_xl_teacher, tiny_data, tmp_path,
+                                                                         tiny_config):
+    """The tiny SDXL teacher: a 2-process optimiser step equals one process's step on the averaged gradients of the
+    batches and draws each rank had (DDP's mean), clipped, then AdamW, the schedule and the EMA, as train_step does."""
+    from training.checkpoint import trainable_state
+    from training.data.images import make_loader
+    from training.encode import batch_latents
+    from training.loop import build, step_generator
+    from training.models.adapters import ema_update
+    from training.step import draw, scott_backward
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = torchrun(str(Path(__file__).parent / "ddp_worker.py"), str(tiny_xl_teacher), str(tiny_data), str(out),
+                      "1", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = build(tiny_config(tiny_xl_teacher, tiny_data, tmp_path / "one", mode="scott", lr=1e-3))
+    cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
+    for rank in (0, 1):  # each rank's first batch and draws, one after the other: their gradients add up
+        batch = next(iter(make_loader(run.dataset, cfg.batch_size, rank, 2, cfg.seed)))
+        generator = step_generator(cfg.seed, rank, 0, 0)
+        z0, cond = batch_latents(run, batch, generator)
+        scott_backward(model, z0, cond, run.uncond, draw(z0, run.grid, cfg, generator))
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad /= 2
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    run.optimizer.step()
+    ema_update(run.unet, cfg.ema_decay)
+    expected, got = trainable_state(model), load_file(str(out / "rank0.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(got[k].abs().max() > 0 for k in got if ".lora_B.student." in k)
 
 
 def test_two_ranks_withhold_the_same_images_and_never_train_on_them(tiny_teacher, images, tmp_path):

@@ -9,12 +9,15 @@ from training.config import DistillConfig
 from training.export import export_lora, metadata, peft_state_dict
 from training.loop import build, train
 from training.models.adapters import STUDENT, STUDENT_TARGETS, adapter_params, using
+from training.models.conditioning import Conditioning
+from training.models.family import SD15
 
 
 @pytest.fixture
-def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config):
-    """A run whose student LoRA holds random non-zero weights, rank 4 with alpha 2 (scale 0.5, not 1)."""
-    run = build(tiny_config(tiny_teacher, tiny_data, tmp_path / "out", mode="lcm", lora_alpha=2.0))
+def trained_run(family_teacher, tiny_data, tmp_path, tiny_config):
+    """A run (on each family's tiny teacher) whose student LoRA holds random non-zero weights, rank 4 with alpha 2
+    (scale 0.5, not 1)."""
+    run = build(tiny_config(family_teacher, tiny_data, tmp_path / "out", mode="lcm", lora_alpha=2.0))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in adapter_params(run.unet, STUDENT).values():
@@ -22,18 +25,20 @@ def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config):
     return run
 
 
-def unet_inputs():
+def unet_inputs(unet):
+    """(z, t, UNet keyword arguments) for the tiny UNet: hidden states as wide as its cross-attention, and where it
+    takes SDXL's added conditioning a pooled embedding and time ids."""
     generator = torch.Generator().manual_seed(7)
-    return (
-        torch.randn(2, 4, 8, 8, generator=generator),
-        torch.tensor([999, 300]),
-        torch.randn(2, 77, 32, generator=generator),
-    )
+    z, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([999, 300])
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    pooled, time_ids = torch.randn(2, 32, generator=generator), torch.tensor([[24.0, 16, 4, 0, 16, 16]] * 2)
+    xl = unet.config.addition_embed_type == "text_time"
+    return z, t, Conditioning(states, pooled, time_ids) if xl else Conditioning(states)
 
 
 def test_kohya_keys_alpha_and_metadata(trained_run, tmp_path):
     path = tmp_path / "lora.safetensors"
-    export_lora(trained_run.unet, trained_run.cfg, "base", "0" * 64, path)
+    export_lora(trained_run.unet, trained_run.cfg, trained_run.teacher.family, "base", "0" * 64, path)
     with safe_open(str(path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
         alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
@@ -47,6 +52,11 @@ def test_kohya_keys_alpha_and_metadata(trained_run, tmp_path):
     )
     assert meta["scott.base_model_sha256"] == "0" * 64 and meta["scott.resolution"] == "16"
     assert lora_format.sampling_defaults(meta) == {"steps": 4, "gamma": 1.0, "cfg": 1.0}
+    family = trained_run.teacher.family
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == {
+        "sd15": ("sd_v1", "stable-diffusion-v1/lora"),
+        "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    }[family.name]
     # Every layer kind LCM-LoRA adapts that the tiny UNet has is exported.
     kinds = {t for t in STUDENT_TARGETS if any(m.endswith(t) for m in peft_modules)}
     assert kinds >= {
@@ -64,20 +74,20 @@ def test_kohya_keys_alpha_and_metadata(trained_run, tmp_path):
     }
 
 
-def test_diffusers_load_lora_weights_reproduces_the_student(trained_run, tiny_teacher, tmp_path):
-    from diffusers import StableDiffusionPipeline
+def test_diffusers_load_lora_weights_reproduces_the_student(trained_run, family_teacher, tmp_path):
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     path = tmp_path / "lora.safetensors"
-    export_lora(trained_run.unet, trained_run.cfg, "base", "0" * 64, path)
-    z, t, c = unet_inputs()
+    family = trained_run.teacher.family
+    export_lora(trained_run.unet, trained_run.cfg, family, "base", "0" * 64, path)
+    z, t, c = unet_inputs(trained_run.unet)
     with torch.no_grad(), using(trained_run.unet, STUDENT):
-        expected = trained_run.unet(z, t, encoder_hidden_states=c).sample
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(tiny_teacher), safety_checker=None, requires_safety_checker=False
-    )
+        expected = trained_run.unet(z, t, **c.unet_kwargs()).sample
+    pipeline = {"sd15": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}[family.name]
+    pipe = pipeline.from_pretrained(str(family_teacher), **family.pipeline_kwargs)
     with torch.no_grad():
-        bare = pipe.unet(z, t, encoder_hidden_states=c).sample
+        bare = pipe.unet(z, t, **c.unet_kwargs()).sample
     pipe.load_lora_weights(str(path), adapter_name="scott")
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="scott")
     ours = peft_state_dict(trained_run.unet)
@@ -85,7 +95,7 @@ def test_diffusers_load_lora_weights_reproduces_the_student(trained_run, tiny_te
         k.replace(".lora_A", "").replace(".lora_B", "") for k in ours
     }  # 0 missing, 0 unexpected modules
     with torch.no_grad():
-        got = pipe.unet(z, t, encoder_hidden_states=c).sample
+        got = pipe.unet(z, t, **c.unet_kwargs()).sample
     assert (expected - bare).abs().max() > 1e-2  # the LoRA matters ...
     assert (got - expected).abs().max() <= 1e-4  # ... and reloads at the same strength (alpha 2, rank 4)
 
@@ -132,5 +142,5 @@ def test_save_every_exports_the_lora_as_a_shorter_run_would(tiny_teacher, tiny_d
     ],
 )
 def test_metadata_names_the_solver_and_only_the_knob_it_used(flags, solver_keys):
-    meta = metadata(DistillConfig(teacher="t", data="d", **flags).resolved(), "base", "0" * 64)
+    meta = metadata(DistillConfig(teacher="t", data="d", **flags).resolved(), SD15, "base", "0" * 64)
     assert {k: v for k, v in meta.items() if k.startswith(("scott.solver", "scott.eta", "scott.noise"))} == solver_keys

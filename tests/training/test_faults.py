@@ -96,7 +96,7 @@ def test_a_real_write_failure_during_a_checkpoint_save_is_one_line_and_the_run_r
 def test_a_full_disk_during_the_export_is_one_line(tiny_teacher, tiny_data, tmp_path, tiny_args, monkeypatch, capsys):
     out = tmp_path / "out"
 
-    def full(unet, cfg, name, sha, path, step=None):
+    def full(unet, cfg, family, name, sha, path, step=None, extra=None):
         raise SafetensorError(FULL)
 
     monkeypatch.setattr(loop, "export_lora", full)

@@ -13,33 +13,65 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from training.config import DistillConfig
+from training.data.synth import teacher_pipeline
 from training.errors import UserError
 from training.eval import scorers
+from training.eval.evaluation import latent_shape, per_image_noise
 from training.eval.scores import DEFAULT_SCORE, SCORES
-from training.keep_best import Judges, KeepBest, judge, prepare, score_values, student_sampler, teacher_features
+from training.keep_best import (
+    Judges,
+    KeepBest,
+    judge,
+    prepare,
+    score_values,
+    student_sampler,
+    teacher_features,
+    teacher_latents,
+)
 from training.loop import build, keep_best, train
+from training.models.family import square_sizes
+from training.models.teacher import encode_captions, load_teacher
 from training.validation import decode
 
 SCORE_LINE = re.compile(r"step (\d+): keep-best score ([0-9.e+-]+) \((.*)\); best ([0-9.e+-]+) at step (\d+)")
 
 
-@pytest.fixture
-def scored_run(tiny_teacher, images, tmp_path, tiny_config):
+def build_scored(teacher, images, tmp_path, tiny_config):
     """A built tiny run with keep-best on (20 pairs, 2 withheld, 16 samples) and its ValidationSet."""
     data = images(tmp_path / "data", 20)
-    run = build(tiny_config(tiny_teacher, data, tmp_path / "out", validate_every=1, validation_samples=16,
-                            mode="lcm"))
+    run = build(tiny_config(teacher, data, tmp_path / "out", validate_every=1, validation_samples=16, mode="lcm"))
     return run, prepare(run, run.holdout)
 
 
-def test_a_fixed_lora_gets_the_same_score_twice(scored_run, tmp_path):
-    run, validation = scored_run
+@pytest.fixture
+def scored_run(tiny_teacher, images, tmp_path, tiny_config):
+    return build_scored(tiny_teacher, images, tmp_path, tiny_config)
+
+
+def test_a_fixed_lora_gets_the_same_score_twice(family_teacher, images, tmp_path, tiny_config):
+    run, validation = build_scored(family_teacher, images, tmp_path, tiny_config)
     keeper = KeepBest(tmp_path / "best.json", DEFAULT_SCORE)
     first = keep_best(run, 1, validation, keeper, None)
     again = prepare(run, run.holdout)  # the references read back from <output>/validation/reference.safetensors
     assert all(torch.equal(again.references[k], validation.references[k]) for k in validation.references)
     assert keep_best(run, 2, again, keeper, None) == first
     assert keeper.step == 1 and json.loads((tmp_path / "best.json").read_text())["score"] == first
+
+
+def test_the_teacher_references_are_the_family_pipelines_own_samples(family_teacher):
+    """teacher_latents hands the family's pipeline the trainer's embeddings (SDXL: the pooled pair; the pipeline's
+    own time ids, uncropped) and gets what the pipeline makes from the prompts themselves, its own unconditional
+    embedding included (SDXL's zeros for an empty negative prompt)."""
+    teacher = load_teacher(family_teacher)
+    captions, seeds, shape = ["a red circle", "two blue squares"], [5, 6], latent_shape(teacher, 32)
+    cond = teacher.family.conditioned(encode_captions(teacher, captions), square_sizes(32, 32, 2))
+    uncond = teacher.family.uncond(encode_captions(teacher, [""]))
+    got = teacher_latents(teacher, cond, uncond, seeds, shape, steps=3, cfg=2.0, batch_size=2)
+    z, _ = per_image_noise(seeds, shape, "cpu")
+    with torch.no_grad():
+        expected = teacher_pipeline(teacher)(prompt=captions, latents=z, num_inference_steps=3, guidance_scale=2.0,
+                                             height=32, width=32, output_type="latent").images
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-5)
 
 
 def like_the_teacher(reference, generator):

@@ -20,7 +20,7 @@ from training.data import synth
 from training.distill import main
 from training.loop import make_accelerator
 from training.memory import BLOCK, LiveBytes, estimate, norms_in_fp32
-from training.models.teacher import load_teacher, tokenize
+from training.models.teacher import encode_captions, load_teacher
 from training.runfile import write_run_file
 
 
@@ -90,14 +90,31 @@ def real_step_counts(cfg):
     return counter, resident, {k: v - first.get(k, 0) for k, v in counter.flops.items() if v - first.get(k, 0)}
 
 
-def test_the_estimate_equals_the_loops_step_on_real_tensors(configs, estimates):
-    """No weights are loaded and no value is computed, yet every storage and every FLOP is the real step's."""
-    counter, resident, flops = real_step_counts(configs["uncached"])
-    found = estimates["uncached"]
+def assert_estimate_is_the_real_step(found, cfg):
+    """The estimate `found` of cfg has every storage and every FLOP of the same step on real tensors."""
+    counter, resident, flops = real_step_counts(cfg)
     assert (found.peak_bytes, found.resident_bytes) == (counter.peak, resident)
     assert found.phase_bytes == counter.phases and found.phase_flops == flops
     assert set(found.phase_bytes) == {"weights", "latents", "estimate", "discriminator_loss", "student_loss",
                                       "optimizer"}
+
+
+def test_the_estimate_equals_the_loops_step_on_real_tensors(configs, estimates):
+    """No weights are loaded and no value is computed, yet every storage and every FLOP is the real step's."""
+    assert_estimate_is_the_real_step(estimates["uncached"], configs["uncached"])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_sdxl_estimate_equals_the_loops_step_on_real_tensors(cache, tiny_xl_teacher, tiny_config, tmp_path):
+    """The family flows through the estimate: both text encoders, the pooled embedding and the time ids, cached or
+    encoded in the step."""
+    from accelerate.state import AcceleratorState
+
+    cfg = tiny_config(tiny_xl_teacher, tmp_path, tmp_path, resolution=32, mixed_precision="bf16", cache_latents=cache)
+    found = estimate(cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert_estimate_is_the_real_step(found, cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_the_estimate_runs_the_heaviest_step_of_the_adversarial_schedule(estimates):
@@ -117,12 +134,12 @@ def test_the_estimate_sees_checkpointing_and_the_cache(tiny_teacher, estimates):
     teacher = load_teacher(tiny_teacher, dtype=torch.bfloat16)
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
         teacher.vae.encode(torch.rand(2, 3, 32, 32, dtype=torch.bfloat16))
-        teacher.text_encoder(tokenize(teacher.tokenizer, ["a photograph"] * 2))
+        encode_captions(teacher, ["a photograph"] * 2)
     encode = flops.get_total_flops()
     assert encode > 0 and "latents" not in cached.phase_flops
     assert uncached.phase_flops["latents"] == encode
     assert {k: v for k, v in uncached.phase_flops.items() if k != "latents"} == cached.phase_flops
-    tensors = [t for m in (teacher.vae, teacher.text_encoder) for t in (*m.parameters(), *m.buffers())]
+    tensors = [t for m in (teacher.vae, *teacher.text_encoders) for t in (*m.parameters(), *m.buffers())]
     encoders = sum(math.ceil(t.numel() * t.element_size() / BLOCK) * BLOCK for t in tensors)
     assert uncached.phase_bytes["weights"] - cached.phase_bytes["weights"] == encoders
 

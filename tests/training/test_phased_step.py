@@ -7,10 +7,11 @@ import torch
 from scott_core.schedule import alpha_sigma, append_dims, skip_timestep
 from scott_core.solvers import solve
 from training.data.images import make_loader
-from training.encode import encode_images, encode_text
+from training.encode import batch_latents
 from training.loop import build, step_generator, train_step
 from training.memory import count_flops
 from training.models.adapters import DISC, STUDENT, TARGET, adapter_params, enable_checkpointing, using
+from training.models.conditioning import Conditioning
 from training.step import draw, hinge_d_loss, pseudo_huber, scott_backward
 
 
@@ -18,8 +19,8 @@ def single_backward_loss(model, z0, cond, uncond, draws):
     """The step as it was before the phases (reference only): every graph alive at one backward, the generator
     term's gradient into the disc cancelled by a detached copy of the same term."""
     cfg, ab = model.cfg, model.alphas_cumprod.cpu()
-    uncond = uncond.expand_as(cond)
-    cond = torch.where(append_dims(draws.drop, cond.ndim), uncond, cond)
+    uncond = uncond.like(cond)
+    cond = cond.where(draws.drop, uncond)
     t_n, t_m = draws.t_n, skip_timestep(draws.t_n, cfg.span)
     alpha, sigma = (append_dims(v.to(z0.dtype), z0.ndim) for v in alpha_sigma(t_n, ab))
     z_n = alpha * z0 + sigma * draws.noise
@@ -39,19 +40,25 @@ def single_backward_loss(model, z0, cond, uncond, draws):
         a_d, s_d = (append_dims(v.to(z0.dtype), z0.ndim) for v in alpha_sigma(draws.disc_t, ab))
         real, fake, t_d = a_d * real + s_d * draws.disc_noise, a_d * fake + s_d * draws.disc_noise, draws.disc_t
     d_real, d_fake_detached = model.discriminate(
-        torch.cat([real, fake.detach()]), torch.cat([t_d, t_d]), torch.cat([cond, cond])
+        torch.cat([real, fake.detach()]), torch.cat([t_d, t_d]), Conditioning.cat([cond, cond])
     ).chunk(2)
     d_fake = model.discriminate(fake, t_d, cond)
     adv_g, disc = -d_fake.mean(), hinge_d_loss(d_real, d_fake_detached)
     return cd + cfg.adv_weight * (adv_g + d_fake_detached.mean()) + disc, cd
 
 
-DISC_OPTIONS = [{}, {"disc_renoise": True}, {"disc_renoise": True, "disc_features": "down_mid"}]
+TEACHERS = {"sd15": "tiny_teacher", "sdxl": "tiny_xl_teacher"}
+DISC_OPTIONS = [
+    ("sd15", {}), ("sd15", {"disc_renoise": True}), ("sd15", {"disc_renoise": True, "disc_features": "down_mid"}),
+    ("sdxl", {}),
+]
 
 
-@pytest.fixture(params=DISC_OPTIONS, ids=["clean", "renoise", "renoise-down_mid"])
-def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config, request):
-    cfg = tiny_config(tiny_teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, **request.param,
+@pytest.fixture(params=DISC_OPTIONS, ids=["clean", "renoise", "renoise-down_mid", "sdxl-clean"])
+def trained_run(tiny_data, tmp_path, tiny_config, request):
+    family, options = request.param
+    teacher = request.getfixturevalue(TEACHERS[family])
+    cfg = tiny_config(teacher, tiny_data, tmp_path / "out", lr=1e-3, batch_size=4, **options,
                       cache_latents=False)  # the tests encode the batch's pixels themselves
     run = build(cfg)
     batch = next(iter(make_loader(run.dataset, 4, 0, 1, seed=0)))
@@ -62,8 +69,8 @@ def trained_run(tiny_teacher, tiny_data, tmp_path, tiny_config, request):
 def inputs(run, batch):
     """z0, cond and a fresh Draws from one seeded generator: the same values on every call."""
     generator = step_generator(0, 0, 1, 0)
-    z0 = encode_images(run, batch["pixels"], generator)
-    return z0, encode_text(run, batch["captions"]), draw(z0, run.grid, run.cfg, generator)
+    z0, cond = batch_latents(run, batch, generator)
+    return z0, cond, draw(z0, run.grid, run.cfg, generator)
 
 
 def phased_grads(run, batch, params):

@@ -114,6 +114,8 @@ def test_the_file_beats_the_demo_defaults_and_flags_beat_both(tmp_path, monkeypa
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "model_index.json").write_text("{}")
+    (demo / "unet").mkdir()
+    (demo / "unet" / "config.json").write_text("{}")
     monkeypatch.setattr(config, "DEMO_TEACHER", demo)
     run = write(tmp_path / "run.toml", 'teacher = "demo"\nresolution = 32\nmax_steps = 9\n')
     cfg = parse_config(["--config", run, "--max-steps", "5"])

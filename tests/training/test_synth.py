@@ -9,7 +9,8 @@ from PIL import Image
 
 from training.data import synth
 from training.data.synth_prompts import builtin_prompts, read_prompt_file
-from training.models.teacher import ASSETS, load_teacher
+from training.models.family import SD15
+from training.models.teacher import load_teacher
 
 
 def test_builtin_prompts_are_many_distinct_and_stable():
@@ -76,7 +77,7 @@ def test_killed_run_keeps_finished_images_and_the_rerun_fills_only_the_gap(tmp_p
 def test_teacher_pipeline_samples_on_the_teachers_own_schedule(tiny_teacher, tmp_path):
     teacher = load_teacher(tiny_teacher)
     assert teacher.scheduler_config == tiny_teacher / "scheduler"
-    shipped = json.loads((ASSETS / "scheduler" / "scheduler_config.json").read_text())
+    shipped = json.loads((SD15.assets / "scheduler" / "scheduler_config.json").read_text())
     # 25 DPM-Solver++ steps over 1000: 'leading' starts at 1000 // 26 * 25 + steps_offset 1, 'linspace' at 999.
     for spacing, first in (("leading", 951), ("linspace", 999)):
         folder = tmp_path / spacing

@@ -13,6 +13,7 @@ from scott_core.sampling import consistency_denoiser, sample_scott
 from scott_core.schedule import alphas_cumprod, lcm_timesteps
 from training.distill import main
 from training.errors import UserError
+from training.models.conditioning import Conditioning
 from training.validation import (
     PromptLine,
     guided_sample,
@@ -104,7 +105,7 @@ class StubUNet:
 @pytest.mark.parametrize("cfg", [1.0, 2.5, 0.5])
 def test_guided_sampling_is_uncond_plus_cfg_times_the_difference(cfg):
     ab = alphas_cumprod()
-    cond, uncond = torch.full((1, 77, 8), 0.3), torch.full((1, 77, 8), -0.2)
+    cond, uncond = Conditioning(torch.full((1, 77, 8), 0.3)), Conditioning(torch.full((1, 77, 8), -0.2))
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
 
     def reference_eps(x, t):
@@ -123,24 +124,20 @@ def test_guided_sampling_is_uncond_plus_cfg_times_the_difference(cfg):
 
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_teacher):
-    """The tiny teacher's UNet (with adapters) and VAE, and a text encoder call."""
+    """The tiny teacher's UNet (with adapters), VAE and family, and a text encoder call."""
     from training.models.adapters import add_adapters
-    from training.models.teacher import load_teacher, tokenize
+    from training.models.teacher import encode_captions, load_teacher
 
     teacher = load_teacher(tiny_teacher)
     add_adapters(teacher.unet, 4, 4.0)
-
-    def encode(captions):
-        with torch.no_grad():
-            return teacher.text_encoder(tokenize(teacher.tokenizer, captions))[0].float()
-
-    return teacher.unet, teacher.vae, encode
+    return teacher.unet, teacher.vae, teacher.family, lambda captions: encode_captions(teacher, captions).float()
 
 
 def grid_of(parts, lines, step_counts, path, seed):
-    unet, vae, encode = parts
+    unet, vae, family, encode = parts
     cond, uncond = encode([x.prompt for x in lines]), encode([x.negative for x in lines])
-    image = validation_grid(unet, vae, cond, uncond, lines, step_counts, alphas_cumprod(), 16, path, seed=seed)
+    image = validation_grid(unet, vae, family, cond, uncond, lines, step_counts, alphas_cumprod(), 16, path,
+                            seed=seed)
     return np.asarray(image)
 
 

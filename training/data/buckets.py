@@ -8,13 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
+from scott_core import families
+
 from ..errors import DataError, UserError
 from .sources import ImageFolder, TarShards
 
 STEP = 64
-# kohya's --min_bucket_reso / --max_bucket_reso defaults, at any resolution: the config's unset values take these (a
-# model family may bring its own).
-BUCKET_DEFAULTS = {"min_bucket_reso": 256, "max_bucket_reso": 1024}
+# kohya's --min_bucket_reso / --max_bucket_reso defaults, at any resolution: SD1.5's bucket range in scott_core's
+# family table; the config's unset values take the teacher family's (SDXL: 512..2048).
+BUCKET_DEFAULTS = dict(zip(("min_bucket_reso", "max_bucket_reso"), families.SD15.bucket_range))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The latent and caption-embedding cache under <output>/cache: VAE latent mean and std per image and CLIP hidden
-states per caption, computed once by the processes together, then read by the loader instead of encoding each step.
+"""The latent and caption-embedding cache under <output>/cache: VAE latent mean and std (and the size conditioning)
+per image and the text encoders' hidden states (and SDXL's pooled embedding) per caption, computed once by the
+processes together, then read by the loader instead of encoding each step.
 
 An entry's name is a sha256 of what determines it: the encoders (the teacher's sha256 and the dtype they ran in), the
 image's bytes and its crop size (the bucket, or resolution x resolution), or the caption's text. A changed image or
@@ -18,13 +19,14 @@ from typing import NamedTuple
 
 import torch
 
+from ..models.conditioning import Conditioning
 from .skips import IO_ERROR, NO_CACHE_ENTRY, Skip, io_error, refuse_io_errors
 
 log = logging.getLogger(__name__)
 
-VERSION = "scott-cache-v2"  # bump when what an entry holds or how it is computed changes
+VERSION = "scott-cache-v3"  # bump when what an entry holds or how it is computed changes
 LATENT, TEXT = "latents", "text"
-NAMES = {LATENT: ("mean", "std"), TEXT: ("hidden",)}
+NAMES = {LATENT: ("mean", "std", "sizes"), TEXT: ("hidden",)}  # a text entry may also hold "pooled"
 
 
 def encoder_id(teacher_sha, *dtypes):
@@ -105,7 +107,7 @@ def batches(keys, batch_size):
 
 @dataclass
 class Encoders:
-    """What filling the cache needs: encode_latents(pixels [B, 3, H, W]) -> (mean, std), encode_text(captions)."""
+    """What filling the cache needs: latents(pixels [B, 3, H, W]) -> (mean, std), text(captions) -> Conditioning."""
 
     latents: object
     text: object
@@ -138,8 +140,10 @@ def fill(dataset, encoder, root, encoders, rank=0, world_size=1, batch_size=8):
     caption_of[text_key(encoder, "")] = ""
     for chunk in batches(shard(caption_of, rank, world_size), batch_size):
         if todo(root, TEXT, chunk):
-            for key, hidden in zip(chunk, encoders.text([caption_of[k] for k in chunk])):
-                save_entry(entry_path(root, TEXT, key), {"hidden": hidden})
+            cond = encoders.text([caption_of[k] for k in chunk])
+            for i, key in enumerate(chunk):
+                pooled = {} if cond.pooled is None else {"pooled": cond.pooled[i]}
+                save_entry(entry_path(root, TEXT, key), {"hidden": cond.states[i], **pooled})
             made += len(chunk)
     return Filled(latent_keys, text_keys, made, unreadable)
 
@@ -148,17 +152,18 @@ def _fill_latents(dataset, indices, keys, root, encoders):
     """Encode and save the images among `indices` that decode; returns (entries written, Skips of the others)."""
     samples = [(key, dataset[i]) for i, key in zip(indices, keys)]
     failed = refuse_io_errors([sample for _, sample in samples if isinstance(sample, Skip)])
-    good = [(key, sample[0]) for key, sample in samples if not isinstance(sample, Skip)]
+    good = [(key, sample) for key, sample in samples if not isinstance(sample, Skip)]
     if good:
-        mean, std = encoders.latents(torch.stack([pixels for _, pixels in good]))
-        for (key, _), m, s in zip(good, mean, std):
-            save_entry(entry_path(root, LATENT, key), {"mean": m, "std": s})
+        mean, std = encoders.latents(torch.stack([sample[0] for _, sample in good]))
+        for (key, sample), m, s in zip(good, mean, std):
+            save_entry(entry_path(root, LATENT, key), {"mean": m, "std": s, "sizes": sample[2]})
     return len(good), failed
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """The pairs of a PairDataset served from the cache: {"mean", "std", "cond", "caption"}, or a Skip for an image
-    without a usable entry (unreadable when the cache was filled, or removed or damaged since)."""
+    """The pairs of a PairDataset served from the cache: {"mean", "std", "sizes", "cond" (a Conditioning),
+    "caption"}, or a Skip for an image without a usable entry (unreadable when the cache was filled, or removed or
+    damaged since)."""
 
     def __init__(self, dataset, root, latent_keys, text_keys, uncond_key):
         self.dataset, self.root = dataset, Path(root)
@@ -173,8 +178,8 @@ class CachedPairs(torch.utils.data.Dataset):
         return getattr(self.dataset, name)
 
     def uncond(self):
-        """The empty caption's hidden states [1, 77, D] (float32)."""
-        return load_entry(entry_path(self.root, TEXT, self.uncond_key), TEXT)["hidden"][None].float()
+        """The empty caption's Conditioning [1, ...] (float32)."""
+        return text_conditioning(load_entry(entry_path(self.root, TEXT, self.uncond_key), TEXT))[None].float()
 
     def __getitem__(self, index):
         pair = self.dataset.pairs[index]
@@ -189,12 +194,18 @@ class CachedPairs(torch.utils.data.Dataset):
         missing = [str(paths[kind]) for kind, entry in entries.items() if entry is None]
         if missing:
             return Skip(pair.file, NO_CACHE_ENTRY, f"{missing[0]} is missing or damaged")
-        return {**entries[LATENT], "cond": entries[TEXT]["hidden"], "caption": pair.caption}
+        return {**entries[LATENT], "cond": text_conditioning(entries[TEXT]), "caption": pair.caption}
 
     @staticmethod
     def collate(samples):
         """Stack the served samples; the Skips of the others in 'skipped', as images.collate does."""
         good = [s for s in samples if not isinstance(s, Skip)]
-        batch = {k: torch.stack([s[k] for s in good]) if good else torch.zeros(0) for k in ("mean", "std", "cond")}
+        batch = {k: torch.stack([s[k] for s in good]) if good else torch.zeros(0) for k in ("mean", "std", "sizes")}
+        cond = Conditioning.cat([s["cond"][None] for s in good]) if good else None
         skipped = [s for s in samples if isinstance(s, Skip)]
-        return {**batch, "captions": [s["caption"] for s in good], "skipped": skipped}
+        return {**batch, "cond": cond, "captions": [s["caption"] for s in good], "skipped": skipped}
+
+
+def text_conditioning(entry):
+    """The Conditioning (no batch dimension) of a text entry: its hidden states and pooled embedding if any."""
+    return Conditioning(entry["hidden"], entry.get("pooled"))

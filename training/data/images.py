@@ -159,7 +159,8 @@ def _sample_caption(tar, member):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption), or the Skip of an image that fails to read.
+    """Map-style dataset of (pixels in [-1, 1] [3, H, W], caption, size conditioning [6] (crop_sizes)), or the Skip
+    of an image that fails to read.
 
     Every image's header is read first (an unreadable one is skipped); then square R x R crops, or with `buckets`
     (BucketRules) each image in its kohya bucket (buckets.py), where rules without upscaling skip an image smaller
@@ -245,8 +246,11 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         pair = self.pairs[index]
-        pixels = load_pixels(pair, *self.targets[index], read=self._bytes)
-        return pixels if isinstance(pixels, Skip) else (pixels, pair.caption)
+        image = open_image(pair, read=self._bytes)
+        if isinstance(image, Skip):
+            return image
+        target = self.targets[index]
+        return resize_center_crop(image, *target), pair.caption, crop_sizes(image.size, *target)
 
 
 def pair_bytes(pair):
@@ -259,34 +263,56 @@ def pair_bytes(pair):
     return Path(pair.image_ref).read_bytes()
 
 
-def load_pixels(pair, width, height, read=pair_bytes):
-    """A pair's image (its bytes from read(pair)) resized and center-cropped to width x height ([3, H, W] in
-    [-1, 1]), or the Skip of one that fails to read (read_failure: missing, an I/O error, not an image)."""
+def open_image(pair, read=pair_bytes):
+    """A pair's image in RGB (its bytes from read(pair)), or the Skip of one that fails to read (read_failure:
+    missing, an I/O error, not an image)."""
     try:
         image = Image.open(io.BytesIO(read(pair)))
-        image = image.convert("RGB")
+        return image.convert("RGB")
     except Exception as error:  # noqa: BLE001 - read_failure sorts it: missing, I/O error (stops), not an image
         return read_failure(pair.file, error)
-    return resize_center_crop(image, width, height)
+
+
+def load_pixels(pair, width, height, read=pair_bytes):
+    """A pair's image (open_image) resized and center-cropped to width x height ([3, H, W] in [-1, 1]), or the Skip
+    of one that fails to read."""
+    image = open_image(pair, read)
+    return image if isinstance(image, Skip) else resize_center_crop(image, width, height)
+
+
+def cover_crop(size, width, height):
+    """(resized (w, h), left, top): an image of `size` (w, h) resized to cover width x height (kohya's sizes), then
+    center-cropped from (left, top) of the resized image."""
+    resized = bucketing.cover_size(*size, (width, height))
+    return resized, (resized[0] - width) // 2, (resized[1] - height) // 2
+
+
+def crop_sizes(size, width, height):
+    """The size conditioning of an image of `size` (w, h) cropped to width x height: [original height, width, crop
+    top, left, target height, width], SDXL's time-id order; the crop offset in the resized image, as diffusers'
+    SDXL training scripts record it."""
+    _, left, top = cover_crop(size, width, height)
+    return torch.tensor([size[1], size[0], top, left, height, width])
 
 
 def resize_center_crop(image, width, height=None):
     """Resize to cover width x height (square without height; kohya's sizes), center-crop, to a [3, H, W] tensor in
     [-1, 1]."""
     height = width if height is None else height
-    size = bucketing.cover_size(*image.size, (width, height))
+    size, left, top = cover_crop(image.size, width, height)
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
     image = image.crop((left, top, left + width, top + height))
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def collate(samples):
-    """Stack the read samples; the Skips of the others in 'skipped'."""
+    """Stack the read samples (pixels, captions, sizes); the Skips of the others in 'skipped'."""
     good = [s for s in samples if not isinstance(s, Skip)]
     pixels = torch.stack([s[0] for s in good]) if good else torch.zeros(0)
-    return {"pixels": pixels, "captions": [s[1] for s in good], "skipped": [s for s in samples if isinstance(s, Skip)]}
+    sizes = torch.stack([s[2] for s in good]) if good else torch.zeros(0, 6, dtype=torch.long)
+    skipped = [s for s in samples if isinstance(s, Skip)]
+    return {"pixels": pixels, "captions": [s[1] for s in good], "sizes": sizes, "skipped": skipped}
 
 
 def batch_indices(num_items, batch_size, rank, world_size, seed, start_batch=0):

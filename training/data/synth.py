@@ -81,17 +81,18 @@ def pipeline_generator(pipe, steps=25, cfg=7.5, resolution=512):
 
 
 def teacher_pipeline(teacher):
-    """A StableDiffusionPipeline over the teacher's modules with DPM-Solver++ 2M on the teacher's own scheduler
-    config (timestep spacing included), no safety checker: the one teacher sampler of synthesis and the world."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """The family's diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) over the teacher's
+    modules with DPM-Solver++ 2M on the teacher's own scheduler config (timestep spacing included), no safety
+    checker or watermark: the one teacher sampler of synthesis, evaluation and the world."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ..models.teacher import family_pipeline
 
     scheduler = DPMSolverMultistepScheduler.from_pretrained(
         str(teacher.scheduler_config), algorithm_type="dpmsolver++", solver_order=2
     )
-    pipe = StableDiffusionPipeline(
-        vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = family_pipeline(teacher.family, teacher.vae, teacher.unet, teacher.text_encoders, teacher.tokenizers,
+                           scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

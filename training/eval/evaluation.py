@@ -21,7 +21,8 @@ from scott_core.schedule import alphas_cumprod, lcm_timesteps
 
 from ..data.synth import pipeline_generator, plan, teacher_pipeline
 from ..errors import UserError
-from ..models.teacher import file_sha256, tokenize
+from ..models.family import FAMILIES, square_sizes
+from ..models.teacher import encode_captions, file_sha256
 from ..models.unet import guided_eps_fn, unet_eps_fn
 from ..validation import decode, grid
 from . import metrics, scorers
@@ -54,7 +55,8 @@ class Lora:
 
 
 def read_lora(path):
-    """A Lora from a .safetensors file; a one-line UserError for a missing, pickled or non-SD1.5 file."""
+    """A Lora from a .safetensors file; a one-line UserError for a missing or pickled file, or one for a family the
+    trainer does not support (check_lora_fits then matches it against the teacher)."""
     try:
         state, metadata = lora_format.read_safetensors(path)
         modules = lora_format.modules(state, metadata)
@@ -62,8 +64,8 @@ def read_lora(path):
     except lora_format.LoraFormatError as error:
         raise UserError(f"--lora {path}: {error}") from None
     family = lora_format.detect_family(state)
-    if family not in ("sd15", "unknown"):
-        raise UserError(f"--lora {path} is an {family} LoRA; this evaluator scores SD1.5-family LoRAs")
+    if family not in (*FAMILIES, "unknown"):
+        raise UserError(f"--lora {path} is an {family} LoRA; this evaluator scores SD1.5- and SDXL-family LoRAs")
     return Lora(Path(path).stem, str(path), modules, defaults, file_sha256(path))
 
 
@@ -85,7 +87,7 @@ def eval_sets(loras, step_counts, gamma=None, cfg=None, teacher_steps=25, teache
 
 def lora_layer(teacher, module):
     """The nn.Module a LoRA module patches, or a UserError naming the path the teacher lacks."""
-    root = teacher.unet if module.part == "unet" else teacher.text_encoder
+    root = teacher.component(module.part)
     try:
         layer = root.get_submodule(module.path)
     except AttributeError:
@@ -121,9 +123,11 @@ def merged(teacher, lora, strength=1.0):
 
 
 @torch.no_grad()
-def encode(teacher, captions, device):
-    """CLIP last hidden states [B, 77, D] of the captions."""
-    return teacher.text_encoder(tokenize(teacher.tokenizer, captions).to(device))[0]
+def encode(teacher, captions, resolution, device):
+    """The captions' Conditioning as the trainer encodes them, with the size conditioning of a square image at
+    `resolution` where the family takes it."""
+    cond = encode_captions(teacher, captions).to(device)
+    return teacher.family.conditioned(cond, square_sizes(resolution, resolution, len(captions)))
 
 
 def latent_shape(teacher, resolution):
@@ -153,10 +157,10 @@ def per_image_noise(seeds, shape, device):
 def consistency_latents(unet, cond, uncond, seeds, steps, gamma, cfg, shape):
     """Clean latents from scott_core's SCott sampler on the UNet as it is (LoRA-patched or its adapter active) in
     `steps` LCM-grid steps: sample i from seeds[i]'s start noise and re-noise, captions `cond`, guidance `cfg` against
-    `uncond` ([1 or B, 77, D])."""
+    `uncond` (the Conditionings of the captions and of the family's unconditional embedding, one row)."""
     ab = alphas_cumprod()
-    z, noise_sampler = per_image_noise(seeds, shape, cond.device)
-    denoiser = consistency_denoiser(guided_eps(unet, cond, uncond.expand_as(cond), cfg), ab)
+    z, noise_sampler = per_image_noise(seeds, shape, cond.states.device)
+    denoiser = consistency_denoiser(guided_eps(unet, cond, uncond.like(cond), cfg), ab)
     return sample_scott(denoiser, z, lcm_timesteps(steps), ab, gamma=gamma, noise_sampler=noise_sampler)
 
 
@@ -165,8 +169,8 @@ def consistency_generator(teacher, steps, gamma, cfg, resolution, device):
     shape = latent_shape(teacher, resolution)
 
     def generate(prompts, seeds):
-        cond = encode(teacher, prompts, device)
-        uncond = encode(teacher, [""], device)
+        cond = encode(teacher, prompts, resolution, device)
+        uncond = teacher.family.uncond(encode(teacher, [""], resolution, device))
         x0 = consistency_latents(teacher.unet, cond, uncond, seeds, steps, gamma, cfg, shape)
         return [Image.fromarray(image.numpy()) for image in decode(teacher.vae, x0)]
 
@@ -429,7 +433,7 @@ def evaluate(opts):
     nets = (scorers.load_inception(opts.inception), scorers.load_clip(opts.clip)) if main else None
     device = accelerator.device
     teacher = load_teacher(opts.teacher, opts.trust_ckpt, dtype=model_dtype(opts.dtype, device))
-    for module in (teacher.unet, teacher.vae, teacher.text_encoder):
+    for module in (teacher.unet, teacher.vae, *teacher.text_encoders):
         module.to(device)
     for lora in loras:
         check_lora_fits(teacher, lora)

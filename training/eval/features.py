@@ -5,7 +5,8 @@ teacher the active model (no LoRA).
 - latent: the latent itself, average-pooled to 4 x 4 per channel (its coarse layout and colour);
 - vae: the VAE decoder's mid-block output (post-quant conv, conv_in, mid block: no upsampling), mean-pooled;
 - unet: the teacher UNet's mid-block output for the latent re-noised to timestep UNET_T with fixed noise and the
-  empty caption, mean-pooled (the pass stops after the mid block).
+  family's unconditional embedding (with the size conditioning of an uncropped image of the latent's size),
+  mean-pooled (the pass stops after the mid block).
 """
 
 import torch
@@ -14,6 +15,7 @@ from scott_core.sampling import add_noise
 from scott_core.schedule import alphas_cumprod
 
 from ..models.discriminator import unet_features
+from ..models.family import square_sizes
 from .scores import FEATURE_NAMES
 
 UNET_T = 250  # the re-noise level of the unet features: timestep 250 of 1000 keeps the layout, blurs the texture
@@ -40,11 +42,14 @@ def vae_features(teacher, latents, uncond):
 @torch.no_grad()
 def unet_mid_features(teacher, latents, uncond):
     """The UNet's mid-block output of the latents noised to UNET_T (fixed noise), empty caption, mean-pooled."""
-    unet = teacher.unet
+    unet, batch = teacher.unet, latents.shape[0]
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(NOISE_SEED)).to(latents.device)
-    t = torch.full((latents.shape[0],), UNET_T, dtype=torch.long)
+    t = torch.full((batch,), UNET_T, dtype=torch.long)
     x = add_noise(latents.float(), noise, t, alphas_cumprod()).to(unet.dtype)
-    cond = uncond.expand(latents.shape[0], *uncond.shape[1:]).to(latents.device, unet.dtype)
+    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    sizes = square_sizes(latents.shape[2] * scale, latents.shape[3] * scale, batch)
+    rows = uncond.map(lambda part: part.expand(batch, *part.shape[1:]).to(latents.device, unet.dtype))
+    cond = teacher.family.conditioned(rows, sizes)
     return unet_features(unet, "down_mid", x, t, cond)[-1].float().mean(dim=(2, 3)).double().cpu()
 
 

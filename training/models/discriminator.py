@@ -35,8 +35,9 @@ class _FeaturesTaken(Exception):
 
 
 def unet_features(unet, source, x, t, cond):
-    """The disc's features of one pass of the UNet's active adapter: each up block's output ('up'), or each down
-    block's and the mid block's ('down_mid': the pass stops after the mid block, so the up blocks never run)."""
+    """The disc's features of one pass of the UNet's active adapter on the Conditioning `cond`: each up block's
+    output ('up'), or each down block's and the mid block's ('down_mid': the pass stops after the mid block, so the
+    up blocks never run)."""
     features = []
 
     def take(module, inputs, output):
@@ -52,7 +53,7 @@ def unet_features(unet, source, x, t, cond):
         hooks = [block.register_forward_hook(take) for block in unet.down_blocks]
         hooks.append(unet.mid_block.register_forward_hook(take_and_stop))
     try:
-        unet(x, t.to(x.device), encoder_hidden_states=cond)
+        unet(x, t.to(x.device), **cond.unet_kwargs())
     except _FeaturesTaken:
         pass
     finally:

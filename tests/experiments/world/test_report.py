@@ -88,7 +88,7 @@ def fake_grid(monkeypatch):
         return torch.zeros(len(args[1]), scenes.SIZE, scenes.SIZE, 3, dtype=torch.uint8)
 
     monkeypatch.setattr(report, "distill", distill)
-    monkeypatch.setattr(report, "load_pipeline", lambda lora=None, teacher="demo": None)
+    monkeypatch.setattr(report, "load_student", lambda lora=None, teacher="demo": None)
     monkeypatch.setattr(report, "student_images", images)
     monkeypatch.setattr(report, "teacher_images", images)
     monkeypatch.setattr(evaluate, "evaluate_folder", scorer)
