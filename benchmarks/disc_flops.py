@@ -11,6 +11,7 @@ from benchmarks.memory import run_config, tiny_config_folder
 from training.loop import make_accelerator
 from training.memory import cached_conditioning, count_flops, random_teacher, step_run
 from training.models.family import SD15, square_sizes
+from training.models.teacher import vae_scale
 
 
 def disc_flops(features, model, resolution, batch_size):
@@ -26,7 +27,7 @@ def disc_flops(features, model, resolution, batch_size):
         accelerator = make_accelerator(cfg, estimate=True)
         teacher = random_teacher(cfg, accelerator.device, fake_mode)
         step = accelerator.unwrap_model(step_run(cfg, accelerator, teacher, fake_mode).model)
-    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    scale = vae_scale(teacher.vae)
     with fake_mode, torch.no_grad():
         x = torch.randn(2 * batch_size, 4, resolution // scale, resolution // scale)
         t = torch.full((2 * batch_size,), 500)

@@ -25,7 +25,7 @@ from .eval.scores import SCORES
 from .models.adapters import STUDENT, using
 from .models.conditioning import Conditioning
 from .models.family import square_sizes
-from .models.teacher import on_device
+from .models.teacher import on_device, vae_scale
 from .validation import decode
 
 log = logging.getLogger("training")
@@ -69,20 +69,15 @@ def sample_plan(captions, samples, seed):
 def teacher_latents(teacher, cond, uncond, seeds, shape, steps, cfg, batch_size):
     """The teacher's samples (clean latents) from each sample's start noise: DPM-Solver++ 2M (the synthesis sampler),
     `steps` steps, guidance `cfg`; the UNet as it is (the caller makes the bare teacher active)."""
-    pipe = teacher_pipeline(teacher)
+    pipe, scale = teacher_pipeline(teacher), vae_scale(teacher.vae)
     out = []
     for start in range(0, len(seeds), batch_size):
         c = cond[start : start + batch_size]
         z, _ = per_image_noise(seeds[start : start + batch_size], shape, c.states.device)
         result = pipe(**c.pipeline_kwargs(uncond.like(c)), latents=z, num_inference_steps=steps, guidance_scale=cfg,
-                      height=shape[1] * scale(teacher), width=shape[2] * scale(teacher), output_type="latent")
+                      height=shape[1] * scale, width=shape[2] * scale, output_type="latent")
         out.append(result.images.float())
     return torch.cat(out)
-
-
-def scale(teacher):
-    """The VAE's downscale factor (pixels per latent)."""
-    return 2 ** (len(teacher.vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()

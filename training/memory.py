@@ -227,13 +227,14 @@ def micro_batch(run, size):
     the latent mean / std (the VAE's dtype) and the captions' Conditioning (the text encoders'); without, pixels in
     [-1, 1] and captions."""
     from .models.family import square_sizes
+    from .models.teacher import vae_scale
 
     teacher, batch = run.teacher, run.cfg.batch_size
     sizes = square_sizes(size[1], size[0], batch)
     if not run.cfg.cache_latents:
         return {"pixels": torch.rand(batch, 3, size[1], size[0]) * 2 - 1, "captions": ["a photograph"] * batch,
                 "sizes": sizes, "skipped": []}
-    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    scale = vae_scale(teacher.vae)
     latent = (batch, teacher.vae.config.latent_channels, size[1] // scale, size[0] // scale)
     return {"mean": torch.randn(latent, dtype=teacher.vae.dtype), "std": torch.rand(latent, dtype=teacher.vae.dtype),
             "cond": cached_conditioning(teacher, batch), "sizes": sizes, "captions": ["a photograph"] * batch,

@@ -15,6 +15,7 @@ from scott_core.schedule import lcm_timesteps
 from .errors import UserError
 from .models.adapters import STUDENT, using
 from .models.family import square_sizes
+from .models.teacher import vae_scale
 from .models.unet import guided_eps_fn, unet_eps_fn
 
 DEFAULT_PROMPTS = (
@@ -174,7 +175,7 @@ def validation_grid(unet, vae, family, cond, uncond, lines, step_counts, alphas_
     """Write the PNG grid to `path`, one row per PromptLine (cond / uncond: the Conditionings of its prompt and its
     negative, given the row's size conditioning by `family`): a line's --s renders that step count, others the
     step_counts; returns the grid image."""
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale(vae)
     rows = []
     for i, line in enumerate(lines):
         counts, cfg, row_gamma, row_seed, (height, width) = row_settings(

@@ -15,7 +15,7 @@ from scott_core.schedule import training_grid
 from training.loop import step_model
 from training.memory import cached_conditioning, count_flops
 from training.models.family import square_sizes
-from training.models.teacher import load_teacher
+from training.models.teacher import load_teacher, vae_scale
 from training.step import draw, scott_backward, step_plan
 
 
@@ -35,7 +35,7 @@ def kind_flops(cfg, steps):
     on grad_accum micro-batches of cfg.batch_size latents at cfg.resolution (the AdamW update is elementwise and
     counts no FLOPs)."""
     teacher = load_teacher(cfg.teacher)
-    model, scale = step_model(cfg, teacher), 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    model, scale = step_model(cfg, teacher), vae_scale(teacher.vae)
     config = model.unet.config
     generator = torch.Generator().manual_seed(0)
     latent = cfg.resolution // scale

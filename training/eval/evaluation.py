@@ -22,7 +22,7 @@ from scott_core.schedule import alphas_cumprod, lcm_timesteps
 from ..data.synth import pipeline_generator, plan, teacher_pipeline
 from ..errors import UserError
 from ..models.family import FAMILIES, square_sizes
-from ..models.teacher import encode_captions, file_sha256
+from ..models.teacher import encode_captions, file_sha256, vae_scale
 from ..models.unet import guided_eps_fn, unet_eps_fn
 from ..validation import decode, grid
 from . import metrics, scorers
@@ -132,7 +132,7 @@ def encode(teacher, captions, resolution, device):
 
 def latent_shape(teacher, resolution):
     """(C, H, W) of the teacher's latents at `resolution` pixels."""
-    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    scale = vae_scale(teacher.vae)
     return (teacher.unet.config.in_channels, resolution // scale, resolution // scale)
 
 

@@ -16,6 +16,7 @@ from scott_core.schedule import alphas_cumprod
 
 from ..models.discriminator import unet_features
 from ..models.family import square_sizes
+from ..models.teacher import vae_scale
 from .scores import FEATURE_NAMES
 
 UNET_T = 250  # the re-noise level of the unet features: timestep 250 of 1000 keeps the layout, blurs the texture
@@ -46,7 +47,7 @@ def unet_mid_features(teacher, latents, uncond):
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(NOISE_SEED)).to(latents.device)
     t = torch.full((batch,), UNET_T, dtype=torch.long)
     x = add_noise(latents.float(), noise, t, alphas_cumprod()).to(unet.dtype)
-    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    scale = vae_scale(teacher.vae)
     sizes = square_sizes(latents.shape[2] * scale, latents.shape[3] * scale, batch)
     rows = uncond.map(lambda part: part.expand(batch, *part.shape[1:]).to(latents.device, unet.dtype))
     cond = teacher.family.conditioned(rows, sizes)

@@ -210,6 +210,11 @@ def load_teacher(path, trust_ckpt=False, dtype=torch.float32):
     return Teacher(family, pipe.unet, pipe.vae, encoders, tokenizers, path.stem, file_sha256(path), scheduler)
 
 
+def vae_scale(vae):
+    """The VAE's downscale factor (pixels per latent): 2 per down block after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def tokenize(tokenizer, captions):
     """Token ids [N, 77], padded to the tokenizer's length as the diffusers pipelines pad them."""
     return tokenizer(
