@@ -21,7 +21,7 @@ def main(argv=None):
             return 0
         from .loop import train
 
-        path = train(cfg)
+        train(cfg)  # its last log line names the LoRA it wrote
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -31,7 +31,6 @@ def main(argv=None):
         print(f"error: the disk is full ({exc}): free space and rerun with --resume latest (finished checkpoints and "
               "cache entries are kept)", file=sys.stderr)
         return 2
-    print(f"LoRA written to {path}")
     return 0
 
 

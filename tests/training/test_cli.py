@@ -236,3 +236,11 @@ def test_validation_grid_is_prompts_by_step_counts(tmp_path, tiny_teacher, tiny_
     grids = sorted((out / "validation").glob("*.png"))
     assert [g.name for g in grids] == ["step_0000001.png", "step_0000002.png"]
     assert Image.open(grids[0]).size == (3 * 16, 3 * 16)  # 3 step counts x 3 prompts of 16 px
+
+
+def test_a_run_names_its_lora_once(tmp_path, tiny_teacher, tiny_data, tiny_args, capsys, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "o"
+    assert main(tiny_args(tiny_teacher, tiny_data, out, max_steps=1, mode="lcm")) == 0
+    said = capsys.readouterr().out + caplog.text
+    assert said.count("LoRA written to") == 1 and f"LoRA written to {out}" in said
