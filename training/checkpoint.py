@@ -21,6 +21,7 @@ from .runfile import RUN_FILE
 NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.json"
+SKIPS = "skipped.txt"  # the run's skipped list at the checkpoint's step: a resume keeps what its draws met
 BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_upscale")  # what decides the buckets, with --buckets
 
 
@@ -70,16 +71,17 @@ def checkpoints(folder):
     return [p for _, p in sorted(found)]
 
 
-def save(accelerator, folder, step, keep):
-    """Write step_N.tmp (accelerator.save_state, the step, the run file), then rename it to step_N and delete all but
-    the newest `keep`; a write that fails (a full disk) removes step_N.tmp and stops the run with one line."""
+def save(accelerator, folder, step, keep, skips=None):
+    """Write step_N.tmp (accelerator.save_state, the step, the run file, the Skipped `skips`), then rename it to step_N
+    and delete all but the newest `keep`; a write that fails (a full disk) removes step_N.tmp and stops the run with
+    one line."""
     folder = Path(folder)
     final, tmp = folder / f"step_{step:07d}", folder / f"step_{step:07d}.tmp"
     from safetensors import SafetensorError
 
     previous = checkpoints(folder)[-1:]
     try:
-        _write(accelerator, tmp, step)
+        _write(accelerator, tmp, step, skips)
     except (OSError, RuntimeError, SafetensorError) as error:  # how Python, torch.save and safetensors fail a write
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointNotWritten(not_written(final, error, previous[0] if previous else None)) from None
@@ -94,8 +96,9 @@ def save(accelerator, folder, step, keep):
     return final
 
 
-def _write(accelerator, tmp, step):
-    """accelerator.save_state into the fresh folder tmp, then (main process) the step and a copy of the run file."""
+def _write(accelerator, tmp, step, skips=None):
+    """accelerator.save_state into the fresh folder tmp, then (main process) the step, a copy of the run file and the
+    skipped list."""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -107,6 +110,8 @@ def _write(accelerator, tmp, step):
         run_file = tmp.parent.parent / RUN_FILE
         if run_file.is_file():
             shutil.copyfile(run_file, tmp / RUN_FILE)
+        if skips is not None:
+            skips.write(tmp / SKIPS)
 
 
 def not_written(final, error, previous):

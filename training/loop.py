@@ -19,7 +19,7 @@ from .data.cache import CachedPairs, Encoders, encoder_id, fill, text_key
 from .data.holdout import Holdout
 from .data.images import PairDataset, epoch_batches, make_loader
 from .data.prepare import synthetic_dataset, training_data
-from .data.skips import Skipped
+from .data.skips import Skipped, read_drawn
 from .encode import batch_latents, encode_moments, encode_text, encode_uncond
 from .errors import DataError
 from .export import export_lora
@@ -361,6 +361,8 @@ def train_run(cfg, where):
     ckpt_dir = output / "checkpoints"
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
     step = checkpoint.load(accelerator, resume) if resume else 0
+    if resume:  # what the draws before the checkpoint met (the scan finds the rest again)
+        run.skips.add(read_drawn(Path(resume) / checkpoint.SKIPS))
     where.checkpoint = (checkpoint.checkpoints(ckpt_dir)[-1:] or [None])[0]
     main = accelerator.is_main_process
     where.doing = "while preparing keep-best's references"
@@ -406,7 +408,8 @@ def train_run(cfg, where):
             if main and step % cfg.log_every == 0:  # the disc's hinge, margin, ratio too
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items()))
             if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                where.checkpoint = checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints)
+                gather_skips(run)
+                where.checkpoint = checkpoint.save(accelerator, ckpt_dir, step, cfg.keep_checkpoints, run.skips)
             if saves_at(cfg, step) and main:
                 export(run, step_lora_path(cfg, step), step)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):

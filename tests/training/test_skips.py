@@ -123,3 +123,17 @@ def test_an_io_error_reading_an_image_stops_the_run_naming_the_file(tiny_teacher
         f"error: cannot read {broken}: Input/output error; fix the file's permissions or the disk and rerun "
         "(--resume latest continues from the last checkpoint)"
     ]
+
+
+def test_a_resumed_run_keeps_what_the_draws_before_its_checkpoint_met(tiny_teacher, images, tmp_path, tiny_args):
+    data, out = images(tmp_path / "data", 4), tmp_path / "out"
+    good = (data / "img001.png").read_bytes()
+    truncate(data / "img001.png")  # drawn in the first epoch (4 pairs, 2 steps of 2), met only then
+    run = dict(RUN, cache_latents=False, checkpoint_every=2)
+    assert main(tiny_args(tiny_teacher, data, out, **dict(run, max_steps=2))) == 0
+    (data / "img001.png").write_bytes(good)  # mended before the resume: the rest of the run can read it
+    assert main(tiny_args(tiny_teacher, data, out, **dict(run, max_steps=4), resume="latest")) == 0
+    assert (out / "skipped.txt").read_text().splitlines() == [
+        "# every input this run does not train on: file<TAB>reason",
+        f"{data / 'img001.png'}\tunreadable: image file is truncated",
+    ]

@@ -111,11 +111,27 @@ class Skipped:
             "latest continues from the last checkpoint)"
         )
 
-    def write(self):
-        """<output>/skipped.txt: a header, then one '<file>\\t<reason>[: <detail>]' line per skipped input (renamed into
-        place, so a kill leaves the previous list)."""
-        path = Path(self.path)
+    def write(self, path=None):
+        """<output>/skipped.txt (or `path`): a header, then one '<file>\\t<reason>[: <detail>]' line per skipped input
+        (renamed into place, so a kill leaves the previous list)."""
+        path = Path(path or self.path)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         lines = ["# every input this run does not train on: file<TAB>reason", *(s.line() for s in self)]
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+
+
+def read_drawn(path):
+    """The skips a list written by Skipped.write met in training draws (DRAWN reasons): what a checkpoint's copy of
+    the list carries into the resumed run, whose scan finds the rest again. [] if there is no such file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
+    except FileNotFoundError:
+        return []
+    skips = []
+    for line in lines:
+        file, _, why = line.partition("\t")
+        reason, _, detail = why.partition(": ")
+        if reason in DRAWN:
+            skips.append(Skip(file, reason, detail))
+    return skips
