@@ -15,13 +15,13 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from .config import flag_name
 from .data.buckets import bucketable
+from .data.skips import SKIPPED
 from .errors import UserError
 from .runfile import RUN_FILE
 
 NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.json"
-SKIPS = "skipped.txt"  # the run's skipped list at the checkpoint's step: a resume keeps what its draws met
 BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_upscale")  # what decides the buckets, with --buckets
 
 
@@ -111,7 +111,7 @@ def _write(accelerator, tmp, step, skips=None):
         if run_file.is_file():
             shutil.copyfile(run_file, tmp / RUN_FILE)
         if skips is not None:
-            skips.write(tmp / SKIPS)
+            skips.write(tmp / SKIPPED)  # the list at this step: a resume keeps what its draws met
 
 
 def not_written(final, error, previous):

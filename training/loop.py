@@ -19,7 +19,7 @@ from .data.cache import CachedPairs, Encoders, encoder_id, fill, text_key
 from .data.holdout import Holdout
 from .data.images import PairDataset, epoch_batches, make_loader
 from .data.prepare import synthetic_dataset, training_data
-from .data.skips import Skipped, read_drawn
+from .data.skips import SKIPPED, Skipped, read_drawn
 from .encode import batch_latents, encode_moments, encode_text, encode_uncond
 from .errors import DataError
 from .export import export_lora
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("training")
 
-SKIPPED = "skipped.txt"  # <output>/skipped.txt: every input the run does not train on, with its reason
 MIN_EMPTY_DRAWS = 100  # empty micro-batches in a row (or one epoch's, if more) that stop a run which cannot read data
 
 
@@ -362,7 +361,7 @@ def train_run(cfg, where):
     resume = checkpoint.resolve(cfg.resume, ckpt_dir)
     step = checkpoint.load(accelerator, resume) if resume else 0
     if resume:  # what the draws before the checkpoint met (the scan finds the rest again)
-        run.skips.add(read_drawn(Path(resume) / checkpoint.SKIPS))
+        run.skips.add(read_drawn(Path(resume) / SKIPPED))
     where.checkpoint = (checkpoint.checkpoints(ckpt_dir)[-1:] or [None])[0]
     main = accelerator.is_main_process
     where.doing = "while preparing keep-best's references"

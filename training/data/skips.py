@@ -20,6 +20,7 @@ SMALL_BUCKET = "in a bucket under a batch"
 NO_CACHE_ENTRY = "no cache entry"
 IO_ERROR = "I/O error"  # never recorded as a skip: the run stops naming the file
 DRAWN = (FILE_MISSING, UNREADABLE, NO_CACHE_ENTRY)  # what a draw during training can meet
+SKIPPED = "skipped.txt"  # <output>/skipped.txt, and its copy in each checkpoint
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,13 @@ class Skip:
     def line(self):
         """'<file>\\t<reason>[: <detail>]', a line of skipped.txt."""
         return f"{self.file}\t{self.why()}"
+
+    @classmethod
+    def parse(cls, line):
+        """The Skip of a line() of skipped.txt."""
+        file, _, why = line.partition("\t")
+        reason, _, detail = why.partition(": ")
+        return cls(file, reason, detail)
 
 
 def read_failure(file, error):
@@ -128,10 +136,4 @@ def read_drawn(path):
         lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
     except FileNotFoundError:
         return []
-    skips = []
-    for line in lines:
-        file, _, why = line.partition("\t")
-        reason, _, detail = why.partition(": ")
-        if reason in DRAWN:
-            skips.append(Skip(file, reason, detail))
-    return skips
+    return [skip for skip in map(Skip.parse, lines) if skip.reason in DRAWN]
