@@ -115,3 +115,23 @@ def test_cli_runs_under_torchrun(tiny_teacher, tiny_data, tmp_path, tiny_args):
         "random_states_0.pkl",
         "random_states_1.pkl",
     }
+
+
+def test_two_ranks_list_the_images_each_met_unreadable(tiny_teacher, images, tmp_path, tiny_args):
+    """One truncated image in each rank's first batch (found only when drawn, no cache): skipped.txt and the last
+    checkpoint's copy, both written by rank 0, list rank 1's too."""
+    from training.data.images import batch_indices
+
+    from .test_skips import truncate
+
+    data, out = images(tmp_path / "data", 8), tmp_path / "out"  # img000 ... img007, the dataset's order
+    firsts = [next(batch_indices(8, 2, rank, 2, seed=0))[0] for rank in (0, 1)]
+    bad = sorted(data / f"img{i:03d}.png" for i in firsts)
+    for path in bad:
+        truncate(path)
+    result = torchrun("-m", "training.distill", *tiny_args(tiny_teacher, data, out, max_steps=2, mode="lcm",
+                                                           cache_latents=False, checkpoint_every=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [f"{path}\tunreadable: image file is truncated" for path in bad]
+    for listed in (out / "skipped.txt", out / "checkpoints" / "step_0000002" / "skipped.txt"):
+        assert sorted(listed.read_text().splitlines()[1:]) == expected, listed
